@@ -1,0 +1,99 @@
+"""maskmint command line: run, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+USER_ERROR = 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from pipeline.rundir import RunDirError
+    from schemas.config import ConfigError
+    from stages.models import ModelLoadError
+    from stages.prompts import PromptError
+
+    return ConfigError, RunDirError, ModelLoadError, PromptError
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from pipeline.run import run
+    from schemas.config import load_config
+
+    config = load_config(args.config)
+    summary = run(config, args.out, show_progress=not args.quiet)
+    print(
+        f"{args.out}: {summary.written} samples written, {summary.dropped} dropped, "
+        f"{summary.complete_shards}/{summary.planned_shards} shards whole"
+    )
+    if summary.failed_shards:
+        for shard, error in sorted(summary.failed_shards.items()):
+            print(f"  shard {shard:06d} failed: {error}", file=sys.stderr)
+        print(f"re-run to retry them: python launch.py run --config {args.config} --out {args.out}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def command_inspect(args: argparse.Namespace) -> int:
+    from pipeline.rundir import RunDir
+
+    rundir = RunDir(args.dir)
+    manifest = rundir.manifest()
+    summary = rundir.summarise()
+    report = {
+        "dir": str(args.dir),
+        "config_hash": manifest.config_hash,
+        "classes": manifest.classes,
+        "planned": summary.planned_samples,
+        "written": summary.written,
+        "dropped": summary.dropped,
+        "dropped_by_reason": summary.dropped_by_reason,
+        "shards_complete": summary.complete_shards,
+        "shards_pending": summary.pending_shards,
+        "whole": summary.whole,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    state = "whole" if summary.whole else f"partial, {len(summary.pending_shards)} shard(s) pending"
+    print(f"{args.dir}: {state}")
+    print(f"  planned {summary.planned_samples} samples in {summary.planned_shards} shards")
+    print(f"  written {summary.written}, dropped {summary.dropped}")
+    for reason, count in summary.dropped_by_reason.items():
+        print(f"    {reason}: {count}")
+    print(f"  classes: {', '.join(f'{k}={v}' for k, v in manifest.classes.items())}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskmint", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="generate (or resume) a dataset")
+    run.add_argument("--config", required=True, type=Path, help="run config YAML")
+    run.add_argument("--out", required=True, type=Path, help="run directory; re-running resumes it")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(handler=command_run)
+    inspect = commands.add_parser("inspect", help="summarise a run directory")
+    inspect.add_argument("dir", type=Path)
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(handler=command_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except _user_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: whole shards are kept; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The plan: sample index -> key, prompt, concept tokens and seed, the same on every machine."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from schemas.config import RunConfig
+from schemas.records import PlannedSample
+from stages.prompts import PromptBuilder
+
+# Enough samples to meet every template/concept pairing of a normal config up front.
+PREFLIGHT_SAMPLES = 256
+
+
+def sample_key(index: int) -> str:
+    return f"{index:010d}"
+
+
+def sample_seed(run_seed: int, key: str) -> int:
+    digest = hashlib.blake2b(f"{run_seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def shard_range(config: RunConfig, shard: int) -> range:
+    size = config.output.shard_size
+    return range(shard * size, min((shard + 1) * size, config.output.samples))
+
+
+class Plan:
+    """Deterministic per-sample plan; shards are planned lazily, so a run of millions starts at once."""
+
+    def __init__(self, config: RunConfig, tokenizer):
+        self.config = config
+
+        def tokenize(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False).input_ids
+
+        self.builder = PromptBuilder(config.prompts, tokenize, tokenizer.model_max_length)
+
+    def sample(self, index: int) -> PlannedSample:
+        key = sample_key(index)
+        seed = sample_seed(self.config.execution.seed, key)
+        rng = np.random.default_rng(seed)
+        prompt, background, background_negative, concepts = self.builder(index, rng)
+        return PlannedSample(
+            index=index,
+            key=key,
+            shard=index // self.config.output.shard_size,
+            seed=seed,
+            prompt=prompt,
+            background_prompt=background,
+            negative_prompt=self.config.prompts.negative_prompt,
+            background_negative_prompt=background_negative,
+            concepts=concepts,
+        )
+
+    def shard(self, shard: int) -> list[PlannedSample]:
+        return [self.sample(i) for i in shard_range(self.config, shard)]
+
+    def preflight(self) -> None:
+        """Plan the first samples so a prompt the model cannot take fails before any work."""
+        for index in range(min(PREFLIGHT_SAMPLES, self.config.output.samples)):
+            self.sample(index)
+
+
+def planned_keys(config: RunConfig) -> list[str]:
+    return [sample_key(i) for i in range(config.output.samples)]

@@ -1,0 +1,148 @@
+"""Tiny Stable-Diffusion-shaped pipelines built locally: the embedded default and test models.
+
+Nothing here downloads: the CLIP tokenizer is made from a vocabulary and merges written
+from a word list, and every network is initialised from a seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+DEFAULT_WORDS = (
+    "a an the of on in and with photo picture scene image "
+    "dog cat bird car tree house cup chair ball flower horse boat apple "
+    "red green blue yellow orange purple white black gray pink "
+    "circle square triangle star cross ring "
+    "flat gradient striped noise background park kitchen street beach room field table"
+).split()
+
+
+def _byte_symbols() -> list[str]:
+    """CLIP's reversible byte -> printable unicode table (same as GPT-2's)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    symbols, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + extra))
+            extra += 1
+    return symbols
+
+
+def clip_vocab_and_merges(words: list[str] | tuple[str, ...] = DEFAULT_WORDS) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-format BPE vocabulary in which every listed word is one token."""
+    symbols = _byte_symbols()
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges: list[str] = []
+    for word in dict.fromkeys(w.lower() for w in words):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            rule = f"{pieces[0]} {pieces[1]}"
+            if rule not in merges:
+                merges.append(rule)
+                vocab_list.append(merged)
+            pieces = [merged] + pieces[2:]
+    vocab_list += [BOS, EOS]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
+    return vocab, merges
+
+
+def build_tokenizer(words=DEFAULT_WORDS, max_length: int = 77):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges(words)
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=max_length)
+
+
+def save_tokenizer_files(folder: Path, words=DEFAULT_WORDS) -> None:
+    """vocab.json / merges.txt in the layout CLIPTokenizer.from_pretrained reads."""
+    vocab, merges = clip_vocab_and_merges(words)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def build_tiny_pipeline(
+    seed: int = 0,
+    image_size: int = 32,
+    unet_channels: tuple[int, ...] = (32, 64),
+    vae_channels: tuple[int, ...] = (32, 64),
+    text_dim: int = 32,
+    heads: int = 2,
+    words=DEFAULT_WORDS,
+    max_length: int = 77,
+):
+    """A randomly initialised StableDiffusionPipeline; every UNet level has cross-attention."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(words, max_length)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_dim,
+            intermediate_size=text_dim * 2,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            max_position_embeddings=max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        block_out_channels=vae_channels,
+        latent_channels=4,
+        norm_num_groups=min(32, vae_channels[0]),
+        sample_size=image_size,
+    )
+    latent_size = image_size // 2 ** (len(vae_channels) - 1)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * len(unet_channels),
+        up_block_types=("CrossAttnUpBlock2D",) * len(unet_channels),
+        cross_attention_dim=text_dim,
+        attention_head_dim=heads,
+        norm_num_groups=min(32, unet_channels[0]),
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_embedded_model(folder: Path | str, seed: int = 0, image_size: int = 64) -> None:
+    """Write the random-init embedded model; the same seed gives the same weights."""
+    pipe = build_tiny_pipeline(seed=seed, image_size=image_size)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    save_embedded_model(sys.argv[1] if len(sys.argv) > 1 else "assets/tiny-sd")

@@ -1,0 +1,166 @@
+"""The shard worker: holds the models for its life and turns a shard id into a whole shard."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.plan import Plan
+from pipeline.rundir import RunDir
+from schemas.config import RunConfig
+from schemas.records import PlannedSample, SampleMetadata, ShardStats
+from stages.filter import Filter
+from stages.generate import Generate
+from stages.models import load_inpainting, load_text_to_image, pick_device, pick_dtype
+from stages.refine import Refine
+from stages.remove import Remove
+from stages.weak_mask import WeakMask
+from stages.write import encode_sample, write_shard
+
+FAULT_ENV = "MASKMINT_INJECT_FAULT"  # "SHARD" or "SHARD:exit": a debugging aid for failure handling
+
+
+@contextmanager
+def timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[stage] += time.perf_counter() - start
+
+
+def as_columns(samples: list[PlannedSample]) -> dict:
+    return {
+        "key": [s.key for s in samples],
+        "seed": [s.seed for s in samples],
+        "prompt": [s.prompt for s in samples],
+        "negative_prompt": [s.negative_prompt for s in samples],
+        "background_prompt": [s.background_prompt for s in samples],
+        "background_negative_prompt": [s.background_negative_prompt for s in samples],
+        "concepts": [s.concepts for s in samples],
+    }
+
+
+def injected_fault(shard: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    target, _, mode = spec.partition(":")
+    if target.strip() == str(shard):
+        if mode == "exit":
+            os._exit(13)
+        raise RuntimeError(f"injected fault on shard {shard}")
+
+
+class ShardWorker:
+    def __init__(self, config: RunConfig, root: Path | str):
+        self.config = config
+        self.rundir = RunDir(root)
+        device = pick_device(config.model.device)
+        pipe = load_text_to_image(config.model, device, pick_dtype(config.model.dtype, device))
+        self.plan = Plan(config, pipe.tokenizer)
+        self.generate = Generate(pipe, config.generation, config.capture)
+        self.weak_mask = WeakMask(config.mask)
+        self.remove = Remove(load_inpainting(pipe, config.model), config.removal)
+        self.refine = Refine(config.refine)
+        self.filter = Filter(config.filter)
+        self.cpu = ThreadPoolExecutor(config.execution.cpu_threads, thread_name_prefix="maskmint-cpu")
+        self.parameters = config.model_dump(
+            mode="json", include={"generation", "capture", "mask", "removal", "refine", "filter"}
+        )
+        self.identity = {"host": socket.gethostname(), "pid": str(os.getpid()), "device": str(device)}
+
+    def run_shard(self, shard: int, on_samples: Callable[[int], None] | None = None) -> ShardStats:
+        samples = self.plan.shard(shard)
+        seconds: dict[str, float] = defaultdict(float)
+        finishing = []
+        for start in range(0, len(samples), self.config.generation.batch_size):
+            planned = samples[start : start + self.config.generation.batch_size]
+            batch = as_columns(planned)
+            with timed(seconds, "generate"):
+                batch.update(self.generate(batch))
+            with timed(seconds, "weak_mask"):
+                batch.update(self.weak_mask(batch))
+            with timed(seconds, "remove"):
+                batch.update(self.remove(batch))
+            # CPU stages run beside the next batch's generation.
+            finishing.append(self.cpu.submit(self._finish, planned, batch))
+            if start == 0:
+                injected_fault(shard)
+            if on_samples:
+                on_samples(len(planned))
+
+        encoded, dropped, qualities = [], {}, []
+        for future in finishing:
+            batch_encoded, batch_dropped, batch_quality, batch_seconds = future.result()
+            encoded += batch_encoded
+            dropped.update(batch_dropped)
+            qualities += batch_quality
+            for stage, value in batch_seconds.items():
+                seconds[stage] += value
+        stats = ShardStats(
+            shard=shard,
+            planned=len(samples),
+            written=[s["__key__"] for s in encoded],
+            dropped=dropped,
+            seconds={},
+            mask={k: float(np.mean([q[k] for q in qualities])) for k in qualities[0]} if qualities else {},
+            worker=self.identity,
+        )
+        with timed(seconds, "write"):
+            stats.seconds = {k: round(v, 4) for k, v in seconds.items()}
+            write_shard(
+                self.rundir.tar_path(shard), self.rundir.stats_path(shard), encoded, stats.model_dump_json(indent=1)
+            )
+        return stats
+
+    def _finish(self, planned: list[PlannedSample], batch: dict) -> tuple[list[dict], dict, list, dict]:
+        seconds: dict[str, float] = defaultdict(float)
+        with timed(seconds, "refine"):
+            batch.update(self.refine(batch))
+        with timed(seconds, "filter"):
+            batch.update(self.filter(batch))
+        encoded, dropped, qualities = [], {}, []
+        output = self.config.output
+        height, width = batch["image"].shape[1:3]
+        with timed(seconds, "encode"):
+            for i, sample in enumerate(planned):
+                if batch["drop"][i] is not None:
+                    dropped[sample.key] = batch["drop"][i]
+                    continue
+                quality = {k: round(v, 5) for k, v in batch["quality"][i].items()}
+                metadata = SampleMetadata(
+                    key=sample.key,
+                    prompt=sample.prompt,
+                    background_prompt=sample.background_prompt,
+                    negative_prompt=sample.negative_prompt,
+                    background_negative_prompt=sample.background_negative_prompt,
+                    concepts=sample.concepts,
+                    seed=sample.seed,
+                    model=self.config.model.path,
+                    width=width,
+                    height=height,
+                    parameters=self.parameters,
+                    quality=quality,
+                )
+                encoded.append(
+                    encode_sample(
+                        sample.key,
+                        batch["image"][i],
+                        batch["mask"][i],
+                        batch["background"][i],
+                        batch["heat"][i],
+                        metadata,
+                        output.image_format,
+                        output.jpeg_quality,
+                    )
+                )
+                qualities.append(quality)
+        return encoded, dropped, qualities, seconds
+
+    def close(self) -> None:
+        self.cpu.shutdown(wait=True)

@@ -1,0 +1,1 @@
+"""Validated configuration and the records maskmint writes."""

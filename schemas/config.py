@@ -1,0 +1,306 @@
+"""RunConfig: everything a run needs, validated once so later code can trust it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+CONCEPT_FIELD = "concept"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a run config; its message is meant to be shown as is."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _looks_like_path(text: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else that names a file system
+    # location must exist, so a typo is reported instead of sent to the hub.
+    return (
+        text.startswith((".", "/", "~"))
+        or text.endswith((".safetensors", ".ckpt"))
+        or text.count("/") > 1
+        or "\\" in text
+    )
+
+
+def resolve_model_location(value: str | None, info: ValidationInfo) -> str | None:
+    if value is None:
+        return None
+    base = Path((info.context or {}).get("base_dir", "."))
+    expanded = Path(value).expanduser()
+    candidates = [expanded] if expanded.is_absolute() else [base / expanded, Path.cwd() / expanded]
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate.resolve())
+    if _looks_like_path(value):
+        raise ValueError(f"'{value}' does not exist (relative paths are resolved against the config file's folder)")
+    return value  # a hub id
+
+
+class ModelConfig(Section):
+    path: str = Field(description="diffusers pipeline folder, single .safetensors/.ckpt file, or hub id")
+    inpaint_path: str | None = Field(
+        default=None,
+        description="dedicated inpainting checkpoint; None removes objects with the base model by latent blending",
+    )
+    single_file_config: str | None = Field(
+        default=None,
+        description="diffusers folder or hub id holding the configs for a single-file checkpoint",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = Field(default="auto", description="'auto' picks cuda when present, else cpu")
+
+    _resolve = field_validator("path", "inpaint_path", "single_file_config")(resolve_model_location)
+
+
+class ConceptConfig(Section):
+    name: str = Field(min_length=1)
+    class_id: int = Field(ge=1, le=254)
+    synonyms: list[str] = Field(default_factory=list)
+    templates: list[str] = Field(
+        default_factory=list,
+        description="prompts for this concept only; each must contain {concept}, the concept name or a synonym",
+    )
+
+    @property
+    def words(self) -> list[str]:
+        return [self.name, *self.synonyms]
+
+
+class Template(Section):
+    prompt: str
+    background: str | None = Field(
+        default=None, description="prompt for the removed scene; default: the prompt without {concept}"
+    )
+
+
+def _fields_of(text: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name}
+
+
+class PromptsConfig(Section):
+    concepts: list[ConceptConfig] = Field(min_length=1)
+    templates: list[Template | str] = Field(default_factory=lambda: ["a photo of a {concept}"])
+    fillers: dict[str, list[str]] = Field(default_factory=dict)
+    negative_prompt: str = ""
+
+    @field_validator("templates")
+    @classmethod
+    def _as_templates(cls, value: list[Template | str]) -> list[Template | str]:
+        return [Template(prompt=t) if isinstance(t, str) else t for t in value]
+
+    @model_validator(mode="after")
+    def _check_templates(self) -> PromptsConfig:
+        if not self.templates and not all(c.templates for c in self.concepts):
+            raise ValueError("templates: empty, and not every concept has templates of its own")
+        for i, template in enumerate(self.templates):
+            where = f"templates.{i}"
+            if CONCEPT_FIELD not in _fields_of(template.prompt):
+                raise ValueError(f"{where}: '{template.prompt}' has no {{concept}} placeholder")
+            self._check_fillers(where, template.prompt, template.background)
+        for c, concept in enumerate(self.concepts):
+            for t, text in enumerate(concept.templates):
+                where = f"concepts.{c}.templates.{t}"
+                if CONCEPT_FIELD not in _fields_of(text) and find_word(text, concept.words) is None:
+                    raise ValueError(
+                        f"{where}: concept '{concept.name}' does not occur in '{text}' "
+                        "(use {concept}, the name or a synonym)"
+                    )
+                self._check_fillers(where, text, None)
+        ids = [c.class_id for c in self.concepts]
+        if len(set(ids)) != len(ids):
+            raise ValueError("concepts: class_id values must be unique")
+        return self
+
+    def _check_fillers(self, where: str, *texts: str | None) -> None:
+        for text in texts:
+            if text is None:
+                continue
+            missing = _fields_of(text) - {CONCEPT_FIELD} - set(self.fillers)
+            if missing:
+                raise ValueError(f"{where}: placeholder(s) {sorted(missing)} have no entry in fillers")
+        for name, options in self.fillers.items():
+            if not options:
+                raise ValueError(f"fillers.{name}: needs at least one option")
+
+
+def find_word(text: str, words: list[str]) -> tuple[int, int] | None:
+    """Character span of the first whole-word occurrence of any of `words`."""
+    for word in words:
+        match = re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", text, flags=re.IGNORECASE)
+        if match:
+            return match.span()
+    return None
+
+
+class GenerationConfig(Section):
+    steps: int = Field(default=30, ge=1, le=1000)
+    guidance_scale: float = Field(default=7.5, ge=0.0)
+    height: int | None = Field(default=None, ge=8, description="default: the model's native size")
+    width: int | None = Field(default=None, ge=8)
+    batch_size: int = Field(default=4, ge=1, le=1024)
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError("must be a multiple of 8")
+        return value
+
+
+class CaptureConfig(Section):
+    steps: list[int] | None = Field(
+        default=None, description="denoising step indices to aggregate (0 = first); None = all"
+    )
+    skip_downscales: list[int] = Field(
+        default_factory=lambda: [8],
+        description="leave out attention maps this many times smaller than the latent (DAAM drops 8x8 of 64x64)",
+    )
+    include_mid_block: bool = False
+
+    @field_validator("steps")
+    @classmethod
+    def _non_negative(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0):
+            raise ValueError("must be a non-empty list of step indices >= 0")
+        return value
+
+
+class MaskConfig(Section):
+    threshold: Literal["fixed", "otsu"] = "fixed"
+    tau: float = Field(default=0.4, gt=0.0, lt=1.0)
+    open_px: int = Field(default=1, ge=0, description="radius of the opening that removes specks")
+    close_px: int = Field(default=2, ge=0, description="radius of the closing that fills pinholes")
+    min_area: float = Field(default=0.002, ge=0.0, lt=1.0, description="smallest component kept, as image fraction")
+
+
+class RemovalConfig(Section):
+    steps: int = Field(default=30, ge=1, le=1000)
+    guidance_scale: float = Field(default=7.5, ge=0.0)
+    strength: float = Field(default=1.0, gt=0.0, le=1.0)
+    dilate_px: int = Field(default=4, ge=0, description="grow the weak mask before inpainting so edges go too")
+
+
+class RefineConfig(Section):
+    delta_e: float = Field(default=12.0, gt=0.0, description="Lab colour distance that counts as 'changed'")
+    dilate_px: int = Field(default=6, ge=0, description="how far outside the weak mask the object may reach")
+    open_px: int = Field(default=1, ge=0)
+    close_px: int = Field(default=2, ge=0)
+    min_area: float = Field(default=0.002, ge=0.0, lt=1.0)
+    ignore_band: bool = Field(default=True, description="mark uncertain pixels 255")
+    boundary_px: int = Field(default=1, ge=0, description="width of the 255 band on the mask outline")
+    disagree_low: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="object pixels whose heat is below this become 255"
+    )
+    disagree_high: float = Field(
+        default=0.9, ge=0.0, le=1.0, description="background pixels whose heat is above this become 255"
+    )
+
+
+class FilterConfig(Section):
+    min_mask_fraction: float = Field(default=0.005, ge=0.0, le=1.0)
+    max_mask_fraction: float = Field(default=0.9, ge=0.0, le=1.0)
+    max_components: int = Field(default=4, ge=1)
+    min_image_std: float = Field(default=2.0, ge=0.0, description="below this (0..255 scale) an image is 'blank'")
+    min_removal_delta: float = Field(
+        default=3.0, ge=0.0, description="mean Lab change inside the weak mask below which removal 'failed'"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FilterConfig:
+        if self.min_mask_fraction >= self.max_mask_fraction:
+            raise ValueError("min_mask_fraction must be below max_mask_fraction")
+        return self
+
+
+class OutputConfig(Section):
+    samples: int = Field(default=64, ge=1)
+    shard_size: int = Field(default=16, ge=1)
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(default=95, ge=1, le=100)
+
+
+class ExecutionConfig(Section):
+    executor: Literal["local"] = "local"
+    seed: int = Field(default=0, ge=0)
+    cpu_threads: int = Field(default=2, ge=1, description="threads for the CPU stages beside the model")
+
+
+class RunConfig(Section):
+    name: str = "maskmint-run"
+    model: ModelConfig
+    prompts: PromptsConfig
+    generation: GenerationConfig = GenerationConfig()
+    capture: CaptureConfig = CaptureConfig()
+    mask: MaskConfig = MaskConfig()
+    removal: RemovalConfig = RemovalConfig()
+    refine: RefineConfig = RefineConfig()
+    filter: FilterConfig = FilterConfig()
+    output: OutputConfig = OutputConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.output.samples // self.output.shard_size)
+
+    def class_names(self) -> dict[int, str]:
+        return {c.class_id: c.name for c in self.prompts.concepts}
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def config_hash(self) -> str:
+        canonical = json.dumps(self.to_json_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _format_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"] if not str(p).startswith(("function-", "str", "Template")))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{where or 'config'}: {message}")
+    return "; ".join(dict.fromkeys(lines))
+
+
+def parse_config(data: Any, base_dir: Path | str = ".") -> RunConfig:
+    """Validate a config mapping; raise ConfigError with one readable line."""
+    if not isinstance(data, dict):
+        raise ConfigError("config: expected a mapping at the top level")
+    try:
+        return RunConfig.model_validate(data, context={"base_dir": str(base_dir)})
+    except ValidationError as error:
+        raise ConfigError(_format_error(error)) from None
+
+
+def load_config(path: Path | str) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config: '{path}' is not valid YAML ({error})".replace("\n", " ")) from None
+    return parse_config(data, base_dir=path.parent)

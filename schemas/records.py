@@ -1,0 +1,100 @@
+"""Records that leave maskmint: per-sample metadata, shard stats, run manifest, summary."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.config import SCHEMA_VERSION
+
+# WebDataset field names (the part of the member name after the key's first dot).
+IMAGE_FIELDS = {"jpg": "jpg", "png": "png"}
+MASK_FIELD = "mask.png"
+HEATMAP_FIELD = "heatmap.png"
+METADATA_FIELD = "json"
+IGNORE_INDEX = 255
+BACKGROUND_ID = 0
+
+
+def background_field(image_format: str) -> str:
+    return f"background.{image_format}"
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConceptSpan(Record):
+    name: str
+    class_id: int
+    word: str = Field(description="the word as it appears in the prompt (name or synonym)")
+    char_span: tuple[int, int]
+    token_positions: list[int] = Field(description="indices into the tokenized prompt, BOS = 0")
+
+
+class PlannedSample(Record):
+    index: int
+    key: str
+    shard: int
+    seed: int
+    prompt: str
+    background_prompt: str
+    negative_prompt: str
+    background_negative_prompt: str
+    concepts: list[ConceptSpan]
+
+
+class SampleMetadata(Record):
+    """KEY.json inside a shard."""
+
+    key: str
+    prompt: str
+    background_prompt: str
+    negative_prompt: str
+    background_negative_prompt: str
+    concepts: list[ConceptSpan]
+    seed: int
+    model: str
+    width: int
+    height: int
+    parameters: dict = Field(description="stage parameters that shaped this sample")
+    quality: dict[str, float] = Field(description="per-sample scores: mask fraction, components, agreement ...")
+
+
+class ShardStats(Record):
+    """NNNNNN.json beside each shard tar."""
+
+    shard: int
+    planned: int
+    written: list[str]
+    dropped: dict[str, str] = Field(description="key -> reason")
+    seconds: dict[str, float] = Field(description="wall time per stage")
+    mask: dict[str, float] = Field(description="mean mask statistics over written samples")
+    worker: dict[str, str] = Field(default_factory=dict)
+
+
+class RunManifest(Record):
+    """DIR/run.json: the frozen config and what it plans."""
+
+    schema_version: int = SCHEMA_VERSION
+    maskmint_version: str
+    config_hash: str
+    planned_samples: int
+    planned_shards: int
+    classes: dict[int, str]
+    fields: dict[str, str]
+    config: dict
+
+
+class RunSummary(Record):
+    """DIR/summary.json, rewritten at the end of every run, partial ones too."""
+
+    planned_samples: int
+    planned_shards: int
+    complete_shards: int
+    pending_shards: list[int]
+    failed_shards: dict[int, str] = Field(default_factory=dict)
+    written: int
+    dropped: int
+    dropped_by_reason: dict[str, int]
+    seconds_by_stage: dict[str, float]
+    whole: bool

@@ -1,0 +1,1 @@
+"""Pipeline stages: plain callables over a columnar batch; no Ray, no run-directory state."""

@@ -1,0 +1,79 @@
+"""Generate: text-to-image in batches with concept attention captured on the way."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from schemas.config import CaptureConfig, GenerationConfig
+from schemas.records import ConceptSpan
+from stages.capture import install_capture
+
+
+def image_size(pipe, config: GenerationConfig) -> tuple[int, int]:
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return config.height or native, config.width or native
+
+
+def token_slots(concepts: list[list[ConceptSpan]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_index [B, T] and weights [B, C, T] so each concept averages its own tokens."""
+    slots = max(sum(len(c.token_positions) for c in spans) for spans in concepts)
+    n_concepts = max(len(spans) for spans in concepts)
+    index = torch.zeros(len(concepts), slots, dtype=torch.long)
+    weights = torch.zeros(len(concepts), n_concepts, slots)
+    for b, spans in enumerate(concepts):
+        t = 0
+        for c, span in enumerate(spans):
+            for position in span.token_positions:
+                index[b, t] = position
+                weights[b, c, t] = 1.0 / len(span.token_positions)
+                t += 1
+    return index, weights
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW -> uint8 NHWC (non-finite pixels become 0; the filter sees `finite`)."""
+    images = torch.nan_to_num((images / 2 + 0.5).clamp(0, 1), nan=0.0)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class Generate:
+    """Batch stage: prompts -> `image` uint8 [B,H,W,3], `heatmap` float32 [B,C,H,W], `finite` bools."""
+
+    def __init__(self, pipe, generation: GenerationConfig, capture: CaptureConfig):
+        self.pipe = pipe
+        self.config = generation
+        self.store = install_capture(pipe.unet, capture)
+        self.height, self.width = image_size(pipe, generation)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict) -> dict:
+        pipe, device = self.pipe, self.pipe.device
+        generators = [torch.Generator(device).manual_seed(int(seed)) for seed in batch["seed"]]
+        index, weights = token_slots(batch["concepts"])
+        latent_hw = (self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor)
+        self.store.begin(index.to(device), latent_hw)
+        try:
+            latents = pipe(
+                prompt=list(batch["prompt"]),
+                negative_prompt=list(batch["negative_prompt"]),
+                num_inference_steps=self.config.steps,
+                guidance_scale=self.config.guidance_scale,
+                height=self.height,
+                width=self.width,
+                generator=generators,
+                output_type="latent",
+                callback_on_step_end=self.store.on_step_end,
+            ).images
+            heat = self.store.heatmaps(weights.to(device))
+        finally:
+            self.store.end()
+        heat = F.interpolate(heat, size=(self.height, self.width), mode="bicubic", align_corners=False).clamp_(min=0)
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        finite = torch.isfinite(decoded).flatten(1).all(dim=1) & torch.isfinite(heat).flatten(1).all(dim=1)
+        return {
+            "image": to_uint8(decoded),
+            "heatmap": torch.nan_to_num(heat).float().cpu().numpy(),
+            "finite": finite.cpu().tolist(),
+        }

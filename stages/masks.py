@@ -1,0 +1,50 @@
+"""Binary-mask clean-up shared by the weak-mask and refine stages (OpenCV)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def _disk(radius: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    if radius <= 0:
+        return mask.astype(bool)
+    return cv2.dilate(mask.astype(np.uint8), _disk(radius)).astype(bool)
+
+
+def erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    if radius <= 0:
+        return mask.astype(bool)
+    return cv2.erode(mask.astype(np.uint8), _disk(radius), borderType=cv2.BORDER_REPLICATE).astype(bool)
+
+
+def count_components(mask: np.ndarray) -> int:
+    count, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    return count - 1
+
+
+def clean(mask: np.ndarray, open_px: int, close_px: int, min_area: float) -> np.ndarray:
+    """Opening drops specks, closing fills pinholes, then components under min_area (fraction) go."""
+    m = mask.astype(np.uint8)
+    if open_px > 0:
+        m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _disk(open_px))
+    if close_px > 0:
+        m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, _disk(close_px))
+    min_pixels = min_area * m.size
+    if min_pixels > 0:
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        keep = np.zeros(count, dtype=bool)
+        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_pixels
+        m = keep[labels].astype(np.uint8)
+    return m.astype(bool)
+
+
+def lab_distance(image: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Per-pixel CIE76 colour difference of two uint8 RGB images."""
+    a = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
+    b = cv2.cvtColor(other.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
+    return np.linalg.norm(a - b, axis=-1)

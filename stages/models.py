@@ -1,0 +1,107 @@
+"""Loading diffusion models from a folder, a single checkpoint file or a hub id."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from schemas.config import ModelConfig
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model could not be loaded; the message says which and why."""
+
+
+def quiet_libraries() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _is_single_file(location: str) -> bool:
+    return Path(location).is_file()
+
+
+def load_text_to_image(config: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """A StableDiffusionPipeline on `device`, safety checker off, progress bars off."""
+    from diffusers import StableDiffusionPipeline
+
+    quiet_libraries()
+    try:
+        if _is_single_file(config.path):
+            pipe = StableDiffusionPipeline.from_single_file(
+                config.path,
+                config=config.single_file_config,
+                dtype=dtype,
+                safety_checker=None,
+                requires_safety_checker=False,
+                load_safety_checker=False,
+            )
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                config.path, dtype=dtype, safety_checker=None, requires_safety_checker=False
+            )
+    except Exception as error:  # noqa: BLE001 - any loader failure is reported the same way
+        raise ModelLoadError(f"model.path: cannot load '{config.path}': {error}".splitlines()[0]) from error
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_inpainting(base, config: ModelConfig):
+    """An inpainting pipeline sharing the base model's components (nothing loaded twice).
+
+    With no dedicated checkpoint the base UNet inpaints by latent blending; with one, only
+    its 9-channel UNet is loaded and the text encoder, VAE and tokenizer are the base's.
+    """
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    components = dict(base.components)
+    if config.inpaint_path is not None:
+        try:
+            if _is_single_file(config.inpaint_path):
+                unet = UNet2DConditionModel.from_single_file(config.inpaint_path, dtype=base.unet.dtype)
+            else:
+                unet = UNet2DConditionModel.from_pretrained(
+                    config.inpaint_path, subfolder="unet", dtype=base.unet.dtype
+                )
+        except Exception as error:  # noqa: BLE001
+            raise ModelLoadError(f"model.inpaint_path: cannot load '{config.inpaint_path}': {error}".splitlines()[0]) from error
+        components["unet"] = unet.to(base.device)
+    pipe = StableDiffusionInpaintPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_tokenizer(config: ModelConfig):
+    """Just the tokenizer: planning needs token positions without loading any network."""
+    from transformers import CLIPTokenizer
+
+    quiet_libraries()
+    source = config.single_file_config if _is_single_file(config.path) else config.path
+    if source is None:
+        raise ModelLoadError("model.single_file_config: needed to find the tokenizer of a single-file checkpoint")
+    try:
+        return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    except Exception as error:  # noqa: BLE001
+        raise ModelLoadError(f"model.path: cannot load the tokenizer of '{source}': {error}".splitlines()[0]) from error

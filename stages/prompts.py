@@ -1,0 +1,76 @@
+"""Prompts: concepts x templates x fillers, and where each concept sits in the token sequence."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+from schemas.config import CONCEPT_FIELD, ConceptConfig, PromptsConfig, find_word
+from schemas.records import ConceptSpan
+
+Tokenize = Callable[[str], list[int]]  # text -> token ids without BOS/EOS
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot take (e.g. the concept falls past the token limit)."""
+
+
+def _drop_concept(text: str, word: str) -> str:
+    # "a photo of a dog in a park" -> "a photo of in a park": the article goes with the word.
+    text = re.sub(rf"\b(?:an?|the)\s+{re.escape(word)}\b", "", text, count=1, flags=re.IGNORECASE)
+    text = re.sub(rf"\b{re.escape(word)}\b", "", text, count=1, flags=re.IGNORECASE)
+    return re.sub(r"\s+", " ", text).strip(" ,")
+
+
+def token_positions(tokenize: Tokenize, prompt: str, span: tuple[int, int], max_length: int) -> list[int]:
+    """Token indices (BOS = 0) covering prompt[span]; CLIP tokenizes word by word, so prefixes line up."""
+    before = len(tokenize(prompt[: span[0]]))
+    through = len(tokenize(prompt[: span[1]]))
+    positions = list(range(1 + before, 1 + through))
+    if not positions or positions[-1] >= max_length - 1:
+        raise PromptError(f"'{prompt}': concept falls outside the first {max_length - 2} tokens")
+    return positions
+
+
+class PromptBuilder:
+    """Deterministic prompt for a sample index: concepts cycle so classes stay balanced."""
+
+    def __init__(self, config: PromptsConfig, tokenize: Tokenize, max_length: int):
+        self.config = config
+        self.tokenize = tokenize
+        self.max_length = max_length
+
+    def _choices(self, concept: ConceptConfig) -> list[tuple[str, str | None]]:
+        own = [(t, None) for t in concept.templates]
+        return own + [(t.prompt, t.background) for t in self.config.templates]
+
+    def __call__(self, index: int, rng: np.random.Generator) -> tuple[str, str, str, list[ConceptSpan]]:
+        concepts = self.config.concepts
+        concept = concepts[index % len(concepts)]
+        choices = self._choices(concept)
+        template, background = choices[int(rng.integers(len(choices)))]
+        fills = {name: options[int(rng.integers(len(options)))] for name, options in sorted(self.config.fillers.items())}
+        word = concept.words[int(rng.integers(len(concept.words)))]
+
+        marker = "\x00"
+        prompt = template.format(**fills, **{CONCEPT_FIELD: marker})
+        if marker in prompt:
+            start = prompt.index(marker)
+            prompt = prompt.replace(marker, word, 1).replace(marker, word)
+            span = (start, start + len(word))
+        else:  # the concept's own template names it literally
+            span = find_word(prompt, concept.words)
+            word = prompt[span[0] : span[1]]
+        positions = token_positions(self.tokenize, prompt, span, self.max_length)
+
+        if background is not None:
+            background_prompt = background.format(**fills, **{CONCEPT_FIELD: ""}).strip()
+        else:
+            background_prompt = _drop_concept(prompt, word)
+        negative = ", ".join(w for w in [*concept.words, self.config.negative_prompt] if w)
+        spans = [
+            ConceptSpan(name=concept.name, class_id=concept.class_id, word=word, char_span=span, token_positions=positions)
+        ]
+        return prompt, background_prompt, negative, spans

@@ -1,0 +1,58 @@
+"""Tiny models built in-process and config helpers; nothing here touches the network."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipeline.tiny_model import build_tiny_pipeline  # noqa: E402
+
+TEST_IMAGE_SIZE = 32
+
+BASE_CONFIG = {
+    "name": "test",
+    "model": {"path": None},
+    "prompts": {
+        "concepts": [
+            {"name": "dog", "class_id": 1},
+            {"name": "zebra", "class_id": 7},  # not in the tiny vocabulary: several tokens
+        ],
+        "templates": ["a photo of a {concept} in a {place}"],
+        "fillers": {"place": ["park", "kitchen"]},
+    },
+    "generation": {"steps": 3, "guidance_scale": 5.0, "batch_size": 3},
+    "removal": {"steps": 3},
+    "filter": {"max_mask_fraction": 1.0, "max_components": 1000, "min_removal_delta": 0.0, "min_image_std": 0.0},
+    "output": {"samples": 10, "shard_size": 4},
+    "execution": {"cpu_threads": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd"
+    build_tiny_pipeline(seed=0, image_size=TEST_IMAGE_SIZE).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def config_dict(tiny_model_dir) -> dict:
+    data = copy.deepcopy(BASE_CONFIG)
+    data["model"]["path"] = str(tiny_model_dir)
+    return data
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    def write(data: dict, name: str = "run.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write

@@ -1,0 +1,128 @@
+"""Attention capture against a plain, slow reference that stores every step's attention."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from pipeline.tiny_model import build_tiny_pipeline
+from schemas.config import CaptureConfig, GenerationConfig
+from schemas.records import ConceptSpan
+from stages.generate import Generate, to_uint8, token_slots
+from tests.conftest import TEST_IMAGE_SIZE
+
+STEPS = 4
+
+class StoringProcessor(AttnProcessor):
+    """Classic attention that keeps every call's full probabilities."""
+
+    def __init__(self, layer: str, log: list):
+        super().__init__()
+        self.layer, self.log = layer, log
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **k):
+        if encoder_hidden_states is not None:
+            query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+            probs = attn.get_attention_scores(query, key, None)  # [batch*heads, N, L]
+            self.log.append((self.layer, probs.view(-1, attn.heads, *probs.shape[1:]).clone()))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+def reference_heatmaps(log, batch, spans, latent, steps_wanted, include_mid, skip):
+    """Every step stored; then DAAM's aggregation done the slow way, one map at a time."""
+    layers = list(dict.fromkeys(layer for layer, _ in log))
+    calls_per_step = len(log) // STEPS
+    per_layer_sums = {}
+    for call, (layer, probs) in enumerate(log):
+        step = call // calls_per_step
+        cond = probs[-batch:]  # conditional half
+        downscale = round(math.sqrt(latent * latent / cond.shape[2]))
+        if step not in steps_wanted or downscale in skip or (layer.startswith("mid_block") and not include_mid):
+            continue
+        per_layer_sums[layer] = per_layer_sums.get(layer, 0) + cond
+    maps = np.zeros((batch, 1, latent, latent))
+    for b in range(batch):
+        token_maps = []
+        for position in spans[b][0].token_positions:
+            head_maps = []
+            for layer in layers:
+                if layer not in per_layer_sums:
+                    continue
+                s = per_layer_sums[layer][b]  # [heads, N, L]
+                side = int(math.isqrt(s.shape[1]))
+                for head in range(s.shape[0]):
+                    grid = s[head, :, position].reshape(1, 1, side, side)
+                    up = F.interpolate(grid, size=(latent, latent), mode="bicubic", align_corners=False).clamp(min=0)
+                    head_maps.append(up[0, 0])
+            token_maps.append(torch.stack(head_maps).mean(0))
+        maps[b, 0] = torch.stack(token_maps).mean(0).numpy()
+    return maps
+
+def _batch(pipe):
+    prompts = ["a photo of a dog in a park", "a zebra in a kitchen"]
+    tokenize = lambda text: pipe.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    zebra = tokenize("a zebra")
+    spans = [
+        [ConceptSpan(name="dog", class_id=1, word="dog", char_span=(13, 16), token_positions=[5])],
+        [ConceptSpan(name="zebra", class_id=2, word="zebra", char_span=(2, 7), token_positions=list(range(2, 1 + len(zebra))))],
+    ]
+    assert len(spans[1][0].token_positions) > 1  # a multi-token word is part of the check
+    return {"prompt": prompts, "negative_prompt": ["", ""], "seed": [11, 12], "concepts": spans}
+
+def _generate_plain(pipe, batch, processor_factory):
+    log = []
+    pipe.unet.set_attn_processor(
+        {name: processor_factory(name.removesuffix(".processor"), log) for name in pipe.unet.attn_processors}
+    )
+    generators = [torch.Generator().manual_seed(s) for s in batch["seed"]]
+    with torch.inference_mode():
+        latents = pipe(
+            prompt=batch["prompt"], negative_prompt=batch["negative_prompt"], num_inference_steps=STEPS,
+            guidance_scale=5.0, generator=generators, output_type="latent",
+        ).images
+    return latents, log
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = build_tiny_pipeline(seed=3, image_size=TEST_IMAGE_SIZE, unet_channels=(32, 64, 64))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+@pytest.mark.parametrize(
+    "capture",
+    [CaptureConfig(), CaptureConfig(steps=[0, 2], include_mid_block=True, skip_downscales=[4])],
+    ids=["daam-defaults", "some-steps-mid-block"],
+)
+def test_captured_maps_equal_slow_reference(pipe, capture):
+    batch = _batch(pipe)
+    latent = TEST_IMAGE_SIZE // pipe.vae_scale_factor
+    _, log = _generate_plain(pipe, batch, lambda layer, log: StoringProcessor(layer, log))
+    steps_wanted = set(range(STEPS)) if capture.steps is None else set(capture.steps)
+    expected = reference_heatmaps(log, 2, batch["concepts"], latent, steps_wanted, capture.include_mid_block, capture.skip_downscales)
+
+    generate = Generate(pipe, GenerationConfig(steps=STEPS, guidance_scale=5.0), capture)
+    generate(batch)
+
+    _, weights = token_slots(batch["concepts"])
+    captured = generate.store.heatmaps(weights).numpy()
+    assert captured.shape == expected.shape == (2, 1, latent, latent)
+    assert expected.max() > 0
+    np.testing.assert_allclose(captured, expected, rtol=2e-3, atol=1e-6)
+    # the two prompts' maps differ: nothing is shared across the batch
+    assert not np.allclose(captured[0], captured[1])
+
+def test_capture_leaves_generation_unchanged(pipe):
+    batch = _batch(pipe)
+    plain, _ = _generate_plain(pipe, batch, lambda layer, log: AttnProcessor2_0())
+    generate = Generate(pipe, GenerationConfig(steps=STEPS, guidance_scale=5.0), CaptureConfig())
+    out = generate(batch)
+    decoded = pipe.vae.decode(plain / pipe.vae.config.scaling_factor, return_dict=False)[0]
+
+    np.testing.assert_array_equal(out["image"], to_uint8(decoded))
+    assert out["heatmap"].shape == (2, 1, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+    assert all(out["finite"])
