@@ -1,0 +1,145 @@
+"""CPU stages on synthetic inputs whose right answer is known; prompts and token positions."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.tiny_model import build_tokenizer
+from schemas.config import FilterConfig, MaskConfig, PromptsConfig, RefineConfig
+from stages.filter import drop_reason
+from stages.prompts import PromptBuilder, PromptError, token_positions
+from stages.refine import refine_mask
+from stages.weak_mask import normalise, weak_mask
+
+
+def disk(size=64, center=(32, 32), radius=12):
+    yy, xx = np.mgrid[:size, :size]
+    return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2
+
+
+def blurred_heat(region, sigma=3.0, scale=5.0):
+    return cv2.GaussianBlur(region.astype(np.float32) * scale, (0, 0), sigma) + 0.3
+
+
+def iou(a, b):
+    return np.logical_and(a, b).sum() / np.logical_or(a, b).sum()
+
+
+def test_weak_mask_recovers_a_blob_and_drops_specks():
+    truth = disk()
+    heat = blurred_heat(truth)
+    heat[5, 5] = heat.max()  # a single-pixel speck as hot as the object
+    mask = weak_mask(heat[None], [3], MaskConfig(min_area=0.01))
+    assert set(np.unique(mask)) == {0, 3}
+    assert iou(mask == 3, truth) > 0.8
+    assert mask[5, 5] == 0
+
+
+def test_weak_mask_otsu_and_two_concepts():
+    left, right = disk(center=(32, 16), radius=9), disk(center=(32, 48), radius=9)
+    heat = np.stack([blurred_heat(left), blurred_heat(right)])
+    mask = weak_mask(heat, [1, 2], MaskConfig(threshold="otsu"))
+    assert iou(mask == 1, left) > 0.7 and iou(mask == 2, right) > 0.7
+    assert not np.any((mask == 1) & right) and not np.any((mask == 2) & left)
+
+
+def test_normalise_flat_map_is_zero():
+    assert normalise(np.full((1, 4, 4), 3.0)).max() == 0
+
+
+def scene(radius=12):
+    rng = np.random.default_rng(0)
+    background = np.clip(rng.normal(120, 4, (64, 64, 3)), 0, 255).astype(np.uint8)
+    truth = disk(radius=radius)
+    image = background.copy()
+    image[truth] = (220, 30, 30)
+    return image, background, truth
+
+
+def test_refine_recovers_the_object_exactly_from_its_background():
+    image, background, truth = scene()
+    weak = np.where(disk(center=(34, 30), radius=10), 5, 0).astype(np.uint8)  # offset and too small
+    heat = normalise(blurred_heat(truth))[None]
+    mask, quality = refine_mask(image, background, weak, heat, RefineConfig(ignore_band=False))
+    assert set(np.unique(mask)) == {0, 5}
+    assert iou(mask == 5, truth) > 0.97
+    assert quality["components"] == 1 and quality["removal_delta"] > 50
+
+
+def test_refine_ignore_band_marks_the_outline():
+    image, background, truth = scene()
+    weak = np.where(truth, 5, 0).astype(np.uint8)
+    heat = normalise(blurred_heat(truth))[None]
+    mask, quality = refine_mask(image, background, weak, heat, RefineConfig(boundary_px=1, disagree_high=1.0))
+    band = mask == 255
+    assert band.any() and quality["ignore_fraction"] == pytest.approx(band.mean())
+    outline = cv2.dilate(truth.astype(np.uint8), np.ones((3, 3))) != cv2.erode(truth.astype(np.uint8), np.ones((3, 3)))
+    assert np.all(band <= outline) and iou(band, outline) > 0.5
+    assert np.all(mask[cv2.erode(truth.astype(np.uint8), np.ones((5, 5))).astype(bool)] == 5)
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(finite=False), "nan_image"),
+        (dict(image=np.zeros((8, 8, 3), np.uint8)), "blank_image"),
+        (dict(weak_fraction=0.0), "empty_weak_mask"),
+        (dict(removal_delta=0.5), "removal_failed"),
+        (dict(mask_fraction=0.0), "empty_mask"),
+        (dict(mask_fraction=0.99), "full_mask"),
+        (dict(components=9.0), "fragmented"),
+        (dict(), None),
+    ],
+)
+def test_filter_reasons(change, reason):
+    image = change.pop("image", np.random.default_rng(0).integers(0, 255, (8, 8, 3)).astype(np.uint8))
+    finite = change.pop("finite", True)
+    quality = {"weak_fraction": 0.2, "removal_delta": 20.0, "mask_fraction": 0.2, "components": 1.0, **change}
+    assert drop_reason(image, finite, quality, FilterConfig()) == reason
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def tokenize_with(tokenizer):
+    return lambda text: tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_token_positions_single_and_multi_token(tokenizer):
+    tokenize = tokenize_with(tokenizer)
+    ids = tokenizer("a photo of a dog in a park").input_ids
+    assert token_positions(tokenize, "a photo of a dog in a park", (13, 16), 77) == [5]
+    assert ids[5] == tokenizer.convert_tokens_to_ids("dog</w>")
+    prompt = "a zebra in a park"
+    positions = token_positions(tokenize, prompt, (2, 7), 77)
+    ids = tokenizer(prompt).input_ids
+    assert len(positions) == 5 and tokenizer.decode([ids[p] for p in positions]).replace(" ", "") == "zebra"
+    with pytest.raises(PromptError):
+        token_positions(tokenize, "dog " * 80 + "zebra", (320, 325), 77)
+
+
+def test_prompt_builder_is_deterministic_and_balanced(tokenizer):
+    config = PromptsConfig(
+        concepts=[
+            {"name": "dog", "class_id": 1, "synonyms": ["puppy"]},
+            {"name": "cat", "class_id": 2, "templates": ["a cat on a table"]},
+        ],
+        templates=[{"prompt": "a {concept} on a {surface}", "background": "a {surface}"}, "a photo of a {concept}"],
+        fillers={"surface": ["table", "beach"]},
+    )
+    build = PromptBuilder(config, tokenize_with(tokenizer), 77)
+    made = [build(i, np.random.default_rng(i)) for i in range(40)]
+    assert made == [build(i, np.random.default_rng(i)) for i in range(40)]
+    assert [spans[0].class_id for *_, spans in made[:4]] == [1, 2, 1, 2]
+    for prompt, background, negative, spans in made:
+        span = spans[0]
+        assert prompt[span.char_span[0] : span.char_span[1]] == span.word
+        assert span.word in ("dog", "puppy", "cat")
+        assert span.word not in background.split()
+        assert span.name in negative
+    assert {m[0] for m in made if m[3][0].name == "cat"} >= {"a cat on a table"}
+    assert "a table" in {m[1] for m in made} or "a beach" in {m[1] for m in made}
