@@ -1,4 +1,4 @@
-"""maskmint command line: run, inspect."""
+"""maskmint command line: run, inspect, preview."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def command_run(args: argparse.Namespace) -> int:
     from schemas.config import load_config
 
     config = load_config(args.config)
+    overrides = {k: v for k, v in (("executor", args.executor), ("address", args.address), ("workers", args.workers)) if v}
+    if overrides:
+        config = config.model_copy(update={"execution": config.execution.model_copy(update=overrides)})
     summary = run(config, args.out, show_progress=not args.quiet)
     print(
         f"{args.out}: {summary.written} samples written, {summary.dropped} dropped, "
@@ -68,6 +71,14 @@ def command_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_preview(args: argparse.Namespace) -> int:
+    from pipeline.preview import write_preview
+
+    out = write_preview(args.dir, args.out, count=args.samples, seed=args.seed)
+    print(f"{out}: {args.samples} random samples (image | heat map | weak mask | background | mask overlay)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskmint", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,11 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, type=Path, help="run config YAML")
     run.add_argument("--out", required=True, type=Path, help="run directory; re-running resumes it")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--executor", choices=["ray", "local"], help="override execution.executor")
+    run.add_argument("--address", help="join this Ray cluster ('auto' finds a local `ray start` head)")
+    run.add_argument("--workers", type=int, help="override execution.workers")
     run.set_defaults(handler=command_run)
     inspect = commands.add_parser("inspect", help="summarise a run directory")
     inspect.add_argument("dir", type=Path)
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(handler=command_inspect)
+    preview = commands.add_parser("preview", help="contact sheet of random samples of a run")
+    preview.add_argument("dir", type=Path)
+    preview.add_argument("--out", required=True, type=Path, help="PNG (or JPG) to write")
+    preview.add_argument("--samples", type=int, default=8, help="rows (default 8)")
+    preview.add_argument("--seed", type=int, default=0, help="which random samples")
+    preview.set_defaults(handler=command_preview)
     return parser
 
 

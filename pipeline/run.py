@@ -7,12 +7,35 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.executors import run_local
+from pipeline.executors import EXECUTORS
 from pipeline.plan import Plan, shard_range
 from pipeline.rundir import RunDir
 from schemas.config import RunConfig
 from schemas.records import RunSummary
 from stages.models import load_tokenizer
+
+
+class Progress:
+    """One bar over the run's samples, with failed attempts and shards in its postfix."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = tqdm(total=total, unit="sample", desc="maskmint", disable=not enabled, file=sys.stderr, mininterval=1.0)
+        self.retried = 0
+        self.failed: set[int] = set()
+
+    def samples(self, count: int) -> None:
+        self.bar.update(count)
+
+    def failure(self, shard: int, error: str, final: bool) -> None:
+        if final:
+            self.failed.add(shard)
+        else:
+            self.retried += 1
+        self.bar.set_postfix(retried=self.retried, failed=len(self.failed), refresh=False)
+        self.bar.write(f"shard {shard:06d} {'failed' if final else 'will be retried'}: {error}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def run(config: RunConfig, out: Path | str, show_progress: bool = True) -> RunSummary:
@@ -25,10 +48,11 @@ def run(config: RunConfig, out: Path | str, show_progress: bool = True) -> RunSu
         if pending:
             Plan(config, load_tokenizer(config.model)).preflight()
             total = sum(len(shard_range(config, s)) for s in pending)
-            with tqdm(
-                total=total, unit="sample", desc="maskmint", disable=not show_progress, file=sys.stderr, mininterval=1.0
-            ) as bar:
-                failed = run_local(config, rundir.root, pending, bar.update)
+            progress = Progress(total, show_progress)
+            try:
+                failed = EXECUTORS[config.execution.executor](config, rundir.root, pending, progress)
+            finally:
+                progress.close()
     finally:
         summary = rundir.write_summary(failed)
     return summary

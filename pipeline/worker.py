@@ -6,7 +6,7 @@ import os
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +25,9 @@ from stages.remove import Remove
 from stages.weak_mask import WeakMask
 from stages.write import encode_sample, write_shard
 
-FAULT_ENV = "MASKMINT_INJECT_FAULT"  # "SHARD" or "SHARD:exit": a debugging aid for failure handling
+# Debugging aid for failure handling: "SHARD[:raise|exit][:once]" makes that shard raise, or its
+# worker process exit hard, after the first mini-batch; with "once" only on the run's first try.
+FAULT_ENV = "MASKMINT_INJECT_FAULT"
 
 
 @contextmanager
@@ -47,13 +49,18 @@ def as_columns(samples: list[PlannedSample]) -> dict:
     }
 
 
-def injected_fault(shard: int) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    target, _, mode = spec.partition(":")
-    if target.strip() == str(shard):
-        if mode == "exit":
-            os._exit(13)
-        raise RuntimeError(f"injected fault on shard {shard}")
+def injected_fault(shard: int, root: Path) -> None:
+    target, *options = os.environ.get(FAULT_ENV, "").split(":")
+    if target.strip() != str(shard):
+        return
+    if "once" in options:
+        marker = root / f".fault-{shard}"
+        if marker.exists():
+            return
+        marker.touch()
+    if "exit" in options:
+        os._exit(13)
+    raise RuntimeError(f"injected fault on shard {shard}")
 
 
 class ShardWorker:
@@ -74,7 +81,8 @@ class ShardWorker:
         )
         self.identity = {"host": socket.gethostname(), "pid": str(os.getpid()), "device": str(device)}
 
-    def run_shard(self, shard: int, on_samples: Callable[[int], None] | None = None) -> ShardStats:
+    def run_shard(self, shard: int) -> Iterator[int | ShardStats]:
+        """Yields the size of each mini-batch as it leaves the model, then the shard's stats."""
         samples = self.plan.shard(shard)
         seconds: dict[str, float] = defaultdict(float)
         finishing = []
@@ -90,9 +98,8 @@ class ShardWorker:
             # CPU stages run beside the next batch's generation.
             finishing.append(self.cpu.submit(self._finish, planned, batch))
             if start == 0:
-                injected_fault(shard)
-            if on_samples:
-                on_samples(len(planned))
+                injected_fault(shard, self.rundir.root)
+            yield len(planned)
 
         encoded, dropped, qualities = [], {}, []
         for future in finishing:
@@ -116,7 +123,7 @@ class ShardWorker:
             write_shard(
                 self.rundir.tar_path(shard), self.rundir.stats_path(shard), encoded, stats.model_dump_json(indent=1)
             )
-        return stats
+        yield stats
 
     def _finish(self, planned: list[PlannedSample], batch: dict) -> tuple[list[dict], dict, list, dict]:
         seconds: dict[str, float] = defaultdict(float)

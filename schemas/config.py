@@ -241,9 +241,30 @@ class OutputConfig(Section):
 
 
 class ExecutionConfig(Section):
-    executor: Literal["local"] = "local"
+    executor: Literal["ray", "local"] = Field(
+        default="ray", description="ray: shards spread over Ray actors; local: one worker in this process"
+    )
+    address: str | None = Field(
+        default=None, description="Ray cluster to join (e.g. 'auto' or 'HEAD:6379'); None starts Ray inside the run"
+    )
+    workers: int | None = Field(
+        default=None, ge=1, description="model-holding workers; None: one per gpus_per_worker of GPU, else 1"
+    )
+    gpus_per_worker: float = Field(default=1.0, gt=0.0, description="0.5 puts two workers on each GPU")
+    cpus_per_worker: float = Field(default=2.0, gt=0.0, description="CPUs a worker reserves (torch and CPU stages)")
+    max_attempts: int = Field(default=3, ge=1, description="tries per shard before it is recorded as failed")
+    object_store_memory_mb: int | None = Field(
+        default=512, ge=64, description="object store of a Ray started by the run (only small messages pass it)"
+    )
     seed: int = Field(default=0, ge=0)
     cpu_threads: int = Field(default=2, ge=1, description="threads for the CPU stages beside the model")
+
+
+# How a run is executed does not change what it writes, so these may differ on resume.
+EXECUTION_ONLY = {
+    "executor", "address", "workers", "gpus_per_worker", "cpus_per_worker",
+    "max_attempts", "object_store_memory_mb", "cpu_threads",
+}
 
 
 class RunConfig(Section):
@@ -270,7 +291,9 @@ class RunConfig(Section):
         return self.model_dump(mode="json")
 
     def config_hash(self) -> str:
-        canonical = json.dumps(self.to_json_dict(), sort_keys=True, separators=(",", ":"))
+        """Hash of everything that shapes the output (not how it is executed)."""
+        content = self.model_dump(mode="json", exclude={"execution": EXECUTION_ONLY})
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

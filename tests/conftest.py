@@ -30,7 +30,7 @@ BASE_CONFIG = {
     "removal": {"steps": 3},
     "filter": {"max_mask_fraction": 1.0, "max_components": 1000, "min_removal_delta": 0.0, "min_image_std": 0.0},
     "output": {"samples": 10, "shard_size": 4},
-    "execution": {"cpu_threads": 1},
+    "execution": {"cpu_threads": 1, "executor": "local"},
 }
 
 

@@ -81,6 +81,11 @@ def test_run_writes_shards_readable_by_plain_webdataset(config_dict, write_confi
     report = json.loads(capsys.readouterr().out)
     assert report["whole"] and report["shards_pending"] == [] and report["written"] == len(written)
 
+    # the contact sheet: a header, then per sample a caption strip and a 5-panel row of 128 px tiles
+    assert launch.main(["preview", str(out), "--out", str(tmp_path / "sheet.png"), "--samples", "3"]) == 0
+    sheet = np.array(Image.open(tmp_path / "sheet.png"))
+    assert sheet.shape == (18 + 3 * (18 + 128), 5 * 128, 3)
+
     # re-running a whole run does nothing and changes nothing
     before = {t.name: t.read_bytes() for t in tars}
     assert run_cli(config_path, out) == 0

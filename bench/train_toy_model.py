@@ -1,0 +1,205 @@
+"""Train a complete Stable-Diffusion-shaped model on the toy world, from scratch.
+
+Tokenizer (CLIP vocab/merges from the world's words), CLIP text encoder, VAE and a
+cross-attention UNet are trained here and saved as a standard diffusers
+StableDiffusionPipeline folder, so maskmint runs it by the same code path as real SD.
+
+    python -m bench.train_toy_model --out assets/toy-sd            # defaults: ~50 min on 2 CPU cores
+
+Stage 1 trains the VAE on renders (reconstruction + small KL); stage 2 freezes it and
+trains the text encoder and UNet jointly on epsilon prediction, with 10% empty captions
+for classifier-free guidance and an EMA of the weights. Every scene comes from a seeded
+generator, so a run is reproducible up to floating-point non-determinism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.toyworld import SIZE, WORDS, render_scene
+from pipeline.tiny_model import build_tokenizer
+
+MAX_TOKENS = 16  # the longest caption is 14 tokens with BOS/EOS
+
+
+def log(message: str, handle) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {message}"
+    print(line, flush=True)
+    handle.write(line + "\n")
+    handle.flush()
+
+
+def scenes_batch(rng: np.random.Generator, size: int, empty_share: float = 0.1):
+    """Images in [-1, 1] NCHW and their captions; some scenes have no object at all."""
+    scenes = [render_scene(rng, n_objects=0 if rng.random() < empty_share else None) for _ in range(size)]
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return images, [s.caption for s in scenes]
+
+
+def build_models(tokenizer, seed: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=SIZE,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(48, 96, 96),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+    return text_encoder, vae, unet
+
+
+def train_vae(vae, steps: int, batch: int, rng, handle) -> float:
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae.train()
+    start, running = time.time(), 0.0
+    for step in range(1, steps + 1):
+        images, _ = scenes_batch(rng, batch, empty_share=0.0)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, images) + 0.1 * F.l1_loss(recon, images) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running += loss.item()
+        if step % 50 == 0:
+            log(f"vae step {step}/{steps} loss {running / 50:.5f} ({time.time() - start:.0f}s)", handle)
+            running = 0.0
+    vae.eval()
+    with torch.no_grad():
+        images, _ = scenes_batch(rng, 256, empty_share=0.0)
+        std = vae.encode(images).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    log(f"vae latent std {std:.4f} -> scaling_factor {1.0 / std:.4f}", handle)
+    return std
+
+
+def train_unet(text_encoder, vae, unet, tokenizer, steps: int, batch: int, lr: float, rng, handle) -> None:
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
+    ema = EMAModel(params, decay=0.9995, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    unet.train()
+    text_encoder.train()
+    generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    start, running = time.time(), 0.0
+    for step in range(1, steps + 1):
+        images, captions = scenes_batch(rng, batch)
+        captions = ["" if rng.random() < 0.1 else c for c in captions]
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample(generator) * vae.config.scaling_factor
+        ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.step(params)
+        running += loss.item()
+        if step % 100 == 0:
+            rate = step / (time.time() - start)
+            log(f"unet step {step}/{steps} loss {running / 100:.5f} ({rate:.2f} steps/s, eta {(steps - step) / rate / 60:.1f} min)", handle)
+            running = 0.0
+    ema.copy_to(params)
+    unet.eval()
+    text_encoder.eval()
+
+
+def save_pipeline(out: Path, text_encoder, vae, unet, tokenizer) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    # fp16 files keep the shipped model small; loading upcasts to the dtype asked for.
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    pipe.to(torch.float32)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("assets/toy-sd"))
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--unet-batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--log", type=Path, default=None, help="log file (default: OUT.train.log beside OUT)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from stages.models import quiet_libraries
+
+    quiet_libraries()
+    rng = np.random.default_rng(args.seed)
+    tokenizer = build_tokenizer(WORDS, max_length=MAX_TOKENS)
+    text_encoder, vae, unet = build_models(tokenizer, args.seed)
+    log_path = args.log or args.out.with_name(args.out.name + ".train.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as handle:
+        log(f"training toy model: {json.dumps({k: str(v) for k, v in vars(args).items()})}", handle)
+        log(f"parameters: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
+            f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, "
+            f"text {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M", handle)
+        start = time.time()
+        train_vae(vae, args.vae_steps, args.vae_batch, rng, handle)
+        vae.requires_grad_(False)
+        train_unet(text_encoder, vae, unet, tokenizer, args.unet_steps, args.unet_batch, args.lr, rng, handle)
+        save_pipeline(args.out, text_encoder, vae, unet, tokenizer)
+        log(f"saved {args.out} after {(time.time() - start) / 60:.1f} min", handle)
+
+
+if __name__ == "__main__":
+    main()

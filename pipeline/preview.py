@@ -1,0 +1,92 @@
+"""A contact sheet of a run, so a person can judge it at a glance.
+
+Each row is one random sample: image | heat map | weak mask | background | final mask over
+the image. The weak mask is recomputed from the stored heat map with the run's own mask
+settings, so it is the mask the run started from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.dataset import Sample, read_samples
+from pipeline.rundir import RunDir, RunDirError
+from schemas.config import MaskConfig
+from schemas.records import IGNORE_INDEX
+from stages.weak_mask import weak_mask
+
+COLUMNS = ("image", "heat map", "weak mask", "background", "mask overlay")
+
+
+def class_colours(class_ids: list[int]) -> dict[int, np.ndarray]:
+    """A distinct colour per class; the ignore band is white."""
+    hues = np.linspace(0, 180, num=max(len(class_ids), 1), endpoint=False)
+    colours = {
+        cid: cv2.cvtColor(np.uint8([[[h, 220, 255]]]), cv2.COLOR_HSV2RGB)[0, 0] for cid, h in zip(class_ids, hues)
+    }
+    colours[IGNORE_INDEX] = np.array([255, 255, 255], np.uint8)
+    return colours
+
+
+def paint(mask: np.ndarray, colours: dict[int, np.ndarray]) -> np.ndarray:
+    out = np.zeros((*mask.shape, 3), np.uint8)
+    for value, colour in colours.items():
+        out[mask == value] = colour
+    return out
+
+
+def sample_row(sample: Sample, mask_config: MaskConfig, colours: dict[int, np.ndarray]) -> np.ndarray:
+    class_ids = [c["class_id"] for c in sample.metadata["concepts"]]
+    heat = sample.heatmap.astype(np.float32) / 255.0
+    weak = weak_mask(heat, class_ids, mask_config)
+    heat_rgb = cv2.cvtColor(cv2.applyColorMap(sample.heatmap.max(axis=0), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    painted = paint(sample.mask, colours)
+    labelled = sample.mask > 0
+    overlay = sample.image.copy()
+    overlay[labelled] = (0.45 * sample.image[labelled] + 0.55 * painted[labelled]).astype(np.uint8)
+    return np.concatenate([sample.image, heat_rgb, paint(weak, colours), sample.background, overlay], axis=1)
+
+
+def contact_sheet(run_dir: Path | str, count: int = 8, seed: int = 0, tile: int = 128) -> np.ndarray:
+    """RGB uint8 sheet of `count` random samples (reservoir-sampled over the whole run)."""
+    rundir = RunDir(run_dir)
+    manifest = rundir.manifest()
+    mask_config = MaskConfig.model_validate(manifest.config.get("mask", {}))
+    colours = class_colours(sorted(int(k) for k in manifest.classes))
+    rng = np.random.default_rng(seed)
+    chosen: list[Sample] = []
+    for seen, sample in enumerate(read_samples(run_dir)):
+        if len(chosen) < count:
+            chosen.append(sample)
+        elif (slot := int(rng.integers(0, seen + 1))) < count:
+            chosen[slot] = sample
+    if not chosen:
+        raise RunDirError(f"{run_dir}: no whole shard with samples to preview yet")
+    chosen.sort(key=lambda s: s.key)
+    rows = []
+    for sample in chosen:
+        row = sample_row(sample, mask_config, colours)
+        height, width = sample.mask.shape
+        scale = tile / height
+        row = cv2.resize(row, (round(row.shape[1] * scale), tile), interpolation=cv2.INTER_NEAREST)
+        label = f"{sample.key}: {sample.metadata['prompt']}"[: 8 * len(COLUMNS) * tile // 100]
+        banner = np.full((18, row.shape[1], 3), 255, np.uint8)
+        cv2.putText(banner, label, (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        rows.append(np.concatenate([banner, row], axis=0))
+    header = np.full((18, rows[0].shape[1], 3), 230, np.uint8)
+    column_width = rows[0].shape[1] // len(COLUMNS)
+    for i, name in enumerate(COLUMNS):
+        cv2.putText(header, name, (i * column_width + 4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([header, *rows], axis=0)
+
+
+def write_preview(run_dir: Path | str, out: Path | str, count: int = 8, seed: int = 0) -> Path:
+    sheet = contact_sheet(run_dir, count, seed)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):
+        raise RunDirError(f"{out}: cannot write the image (use a .png or .jpg name)")
+    return out

@@ -1,0 +1,156 @@
+"""Ray execution under failure: same output as in-process, retries, driver kills, failed shards.
+
+These start real local Ray instances, so they are marked `ray` (deselect with -m "not ray").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import launch
+from pipeline.plan import planned_keys
+from pipeline.rundir import RunDir
+from pipeline.worker import FAULT_ENV
+from schemas.config import load_config
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """One local Ray for the in-process runs of this module (a run joins it instead of starting one)."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_config(config_dict) -> dict:
+    config_dict["execution"].update({"executor": "ray", "workers": 2, "cpus_per_worker": 1, "max_attempts": 2})
+    return config_dict
+
+
+def run_cli(config_path, out, *extra) -> int:
+    return launch.main(["run", "--config", str(config_path), "--out", str(out), "--quiet", *extra])
+
+
+def tar_contents(out: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {field: bytes}; fails if a key appears twice."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                key, _, field = member.name.partition(".")
+                fields = samples.setdefault(key, {})
+                assert field not in fields, f"{member.name} twice"
+                fields[field] = tar.extractfile(member).read()
+    return samples
+
+
+def assert_exactly_planned(config_path, out: Path) -> None:
+    """Every planned key is written or dropped exactly once and every tar is whole and readable."""
+    stats = RunDir(out).shard_stats()
+    written = [k for s in stats for k in s.written]
+    dropped = [k for s in stats for k in s.dropped]
+    assert sorted(written + dropped) == planned_keys(load_config(config_path))
+    assert Counter(written + dropped).most_common(1)[0][1] == 1
+    assert sorted(tar_contents(out)) == sorted(written)
+    assert not [p.name for p in (out / "shards").iterdir() if p.name.startswith(".")]
+
+
+def test_two_ray_workers_match_the_local_executor(ray_instance, ray_config, write_config, tmp_path):
+    config_path = write_config(ray_config)
+    assert run_cli(config_path, tmp_path / "ray") == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the one-CPU actors: same kernels, same floats
+    try:
+        assert run_cli(config_path, tmp_path / "local", "--executor", "local") == 0
+    finally:
+        torch.set_num_threads(threads)
+    on_ray, local = tar_contents(tmp_path / "ray"), tar_contents(tmp_path / "local")
+    assert sorted(on_ray) == sorted(local) and on_ray
+    assert all(on_ray[k]["mask.png"] == local[k]["mask.png"] for k in local)
+    workers = {json.loads((tmp_path / "ray" / "shards" / f"{s:06d}.json").read_text())["worker"]["pid"] for s in range(3)}
+    assert len(workers) == 2, "both actors took shards"
+
+
+def test_worker_process_exit_is_retried(ray_instance, ray_config, write_config, tmp_path, monkeypatch, capsys):
+    config_path = write_config(ray_config)
+    out = tmp_path / "run"
+    monkeypatch.setenv(FAULT_ENV, "1:exit:once")
+    assert run_cli(config_path, out) == 0
+    assert "shard 000001 will be retried" in capsys.readouterr().err
+    assert (out / ".fault-1").exists(), "the fault fired"
+    assert_exactly_planned(config_path, out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["whole"] and summary["failed_shards"] == {}
+
+
+def test_permanent_failure_is_named_and_a_fixed_rerun_completes(
+    ray_instance, ray_config, write_config, tmp_path, monkeypatch, capsys
+):
+    config_path = write_config(ray_config)
+    out = tmp_path / "run"
+    monkeypatch.setenv(FAULT_ENV, "2:raise")
+    assert run_cli(config_path, out) == 1
+    err = capsys.readouterr().err
+    assert "shard 000002 failed: RuntimeError: injected fault on shard 2" in err and "re-run to retry" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["failed_shards"]) == ["2"] and summary["pending_shards"] == [2]
+    assert RunDir(out).complete_shards() == {0, 1}
+
+    monkeypatch.delenv(FAULT_ENV)
+    assert run_cli(config_path, out) == 0
+    assert_exactly_planned(config_path, out)
+    assert json.loads((out / "summary.json").read_text())["whole"]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_driver_sigkill_then_rerun_resumes_exactly(ray_instance, ray_config, write_config, tmp_path):
+    ray_config["output"] = {"samples": 48, "shard_size": 2}
+    config_path = write_config(ray_config)
+    out = tmp_path / "run"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
+    command = [sys.executable, str(REPO / "launch.py"), "run", "--config", str(config_path), "--out", str(out), "--quiet"]
+    driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill at a random moment once work is under way: some shards whole, others being written
+    deadline = time.time() + 240
+    while not list((out / "shards").glob("*.json")) if (out / "shards").exists() else True:
+        assert driver.poll() is None and time.time() < deadline, "the driver never produced a shard"
+        time.sleep(0.2)
+    time.sleep(random.uniform(0.0, 1.5))
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    time.sleep(2.0)  # Ray's processes fate-share with the driver that started them
+    if _group_alive(driver.pid):  # leftovers must not write beside the re-run
+        print("processes outlived the driver", subprocess.run(["ps", "-g", str(driver.pid), "-o", "pid,cmd"], capture_output=True, text=True).stdout)
+        os.killpg(driver.pid, signal.SIGKILL)
+    before = RunDir(out).complete_shards()
+    assert driver.returncode == -signal.SIGKILL and 0 < len(before) < 24, before
+
+    assert run_cli(config_path, out) == 0
+    assert_exactly_planned(config_path, out)
+    assert RunDir(out).complete_shards() == set(range(24))
