@@ -1,4 +1,4 @@
-"""maskmint command line: run, inspect, preview."""
+"""maskmint command line: run, inspect, preview, export."""
 
 from __future__ import annotations
 
@@ -79,6 +79,14 @@ def command_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export
+
+    count = export(args.dir, args.out, args.format)
+    print(f"{args.out}: {count} samples exported as {args.format}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskmint", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--samples", type=int, default=8, help="rows (default 8)")
     preview.add_argument("--seed", type=int, default=0, help="which random samples")
     preview.set_defaults(handler=command_preview)
+    exporter = commands.add_parser("export", help="write a run's samples in another format")
+    exporter.add_argument("dir", type=Path)
+    exporter.add_argument("--out", required=True, type=Path, help="new or empty folder")
+    exporter.add_argument("--format", choices=["folders", "coco"], default="folders",
+                          help="folders: images/ masks/ backgrounds/ metadata/; coco: COCO instances JSON with RLE masks")
+    exporter.set_defaults(handler=command_export)
     return parser
 
 

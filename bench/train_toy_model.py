@@ -198,7 +198,24 @@ def main(argv: list[str] | None = None) -> None:
         vae.requires_grad_(False)
         train_unet(text_encoder, vae, unet, tokenizer, args.unet_steps, args.unet_batch, args.lr, rng, handle)
         save_pipeline(args.out, text_encoder, vae, unet, tokenizer)
-        log(f"saved {args.out} after {(time.time() - start) / 60:.1f} min", handle)
+        minutes = (time.time() - start) / 60
+        write_provenance(args.out, vars(args), minutes, log_path)
+        log(f"saved {args.out} after {minutes:.1f} min", handle)
+
+
+def write_provenance(out: Path, arguments: dict, minutes: float, log_path: Path) -> None:
+    """OUT/training.json: how the shipped weights were made, so they can be made again."""
+    import platform
+
+    record = {
+        "trained_by": "bench/train_toy_model.py",
+        "arguments": {k: str(v) for k, v in arguments.items()},
+        "wall_minutes": round(minutes, 1),
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "log_tail": log_path.read_text().splitlines()[-6:] if log_path.exists() else [],
+    }
+    (Path(out) / "training.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,12 @@ def _to_sample(raw: dict) -> Sample:
     )
 
 
+def read_encoded(source: Source) -> Iterator[dict]:
+    """Samples as stored: {"__key__", field: bytes}; for copying files out without re-encoding."""
+    urls = shard_urls(source)
+    return iter(wds.WebDataset(urls, shardshuffle=False, empty_check=False)) if urls else iter(())
+
+
 def read_samples(source: Source, shuffle: int = 0, seed: int = 0) -> Iterator[Sample]:
     """Decoded samples in shard order, or shuffled through a buffer of `shuffle` samples."""
     urls = shard_urls(source)
@@ -140,4 +146,6 @@ def segmentation_dataset(
     return dataset.decode("rgb8").map(to_tensors)
 
 
-__all__ = ["IGNORE_INDEX", "Sample", "joint_resize_crop", "read_samples", "segmentation_dataset", "shard_urls"]
+__all__ = [
+    "IGNORE_INDEX", "Sample", "joint_resize_crop", "read_encoded", "read_samples", "segmentation_dataset", "shard_urls",
+]

@@ -18,7 +18,6 @@ from pipeline.worker import FAULT_ENV, ShardWorker
 from schemas.config import ExecutionConfig, RunConfig
 
 
-
 class Progress(Protocol):
     def samples(self, count: int) -> None: ...
 

@@ -51,14 +51,17 @@ def sample_row(sample: Sample, mask_config: MaskConfig, colours: dict[int, np.nd
 
 
 def contact_sheet(run_dir: Path | str, count: int = 8, seed: int = 0, tile: int = 128) -> np.ndarray:
-    """RGB uint8 sheet of `count` random samples (reservoir-sampled over the whole run)."""
+    """RGB uint8 sheet of `count` random samples, drawn from up to `count` random whole shards
+    (so a preview of a run of millions reads a few shards, not all)."""
     rundir = RunDir(run_dir)
     manifest = rundir.manifest()
     mask_config = MaskConfig.model_validate(manifest.config.get("mask", {}))
     colours = class_colours(sorted(int(k) for k in manifest.classes))
     rng = np.random.default_rng(seed)
+    shards = sorted(rundir.complete_shards())
+    picked = sorted(rng.choice(shards, size=min(count, len(shards)), replace=False).tolist()) if shards else []
     chosen: list[Sample] = []
-    for seen, sample in enumerate(read_samples(run_dir)):
+    for seen, sample in enumerate(read_samples([rundir.tar_path(s) for s in picked])):
         if len(chosen) < count:
             chosen.append(sample)
         elif (slot := int(rng.integers(0, seen + 1))) < count:

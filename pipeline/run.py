@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.card import write_card
 from pipeline.executors import EXECUTORS
 from pipeline.plan import Plan, shard_range
 from pipeline.rundir import RunDir
@@ -55,4 +56,13 @@ def run(config: RunConfig, out: Path | str, show_progress: bool = True) -> RunSu
                 progress.close()
     finally:
         summary = rundir.write_summary(failed)
+        write_card_safely(rundir.root, summary)
     return summary
+
+
+def write_card_safely(root: Path, summary: RunSummary) -> None:
+    """The dataset card is a courtesy: failing to write it must not fail the run."""
+    try:
+        write_card(root, summary)
+    except Exception as error:  # noqa: BLE001
+        print(f"warning: could not write the dataset card {root / 'README.md'}: {error}", file=sys.stderr)

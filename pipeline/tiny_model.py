@@ -1,4 +1,4 @@
-"""Tiny Stable-Diffusion-shaped pipelines built locally: the embedded default and test models.
+"""Tiny Stable-Diffusion-shaped pipelines built locally, for tests and CPU benchmarks.
 
 Nothing here downloads: the CLIP tokenizer is made from a vocabulary and merges written
 from a word list, and every network is initialised from a seed.
@@ -80,7 +80,12 @@ def build_tiny_pipeline(
     max_length: int = 77,
 ):
     """A randomly initialised StableDiffusionPipeline; every UNet level has cross-attention."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -134,15 +139,3 @@ def build_tiny_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-def save_embedded_model(folder: Path | str, seed: int = 0, image_size: int = 64) -> None:
-    """Write the random-init embedded model; the same seed gives the same weights."""
-    pipe = build_tiny_pipeline(seed=seed, image_size=image_size)
-    pipe.save_pretrained(folder, safe_serialization=True)
-
-
-if __name__ == "__main__":
-    import sys
-
-    save_embedded_model(sys.argv[1] if len(sys.argv) > 1 else "assets/tiny-sd")

@@ -64,11 +64,14 @@ def injected_fault(shard: int, root: Path) -> None:
 
 
 class ShardWorker:
-    def __init__(self, config: RunConfig, root: Path | str):
+    def __init__(self, config: RunConfig, root: Path | str, pipe=None):
+        """`pipe` (a loaded StableDiffusionPipeline) skips loading config.model: for benchmarks."""
         self.config = config
         self.rundir = RunDir(root)
-        device = pick_device(config.model.device)
-        pipe = load_text_to_image(config.model, device, pick_dtype(config.model.dtype, device))
+        if pipe is None:
+            device = pick_device(config.model.device)
+            pipe = load_text_to_image(config.model, device, pick_dtype(config.model.dtype, device))
+        device = pipe.device
         self.plan = Plan(config, pipe.tokenizer)
         self.generate = Generate(pipe, config.generation, config.capture)
         self.weak_mask = WeakMask(config.mask)
@@ -88,13 +91,7 @@ class ShardWorker:
         finishing = []
         for start in range(0, len(samples), self.config.generation.batch_size):
             planned = samples[start : start + self.config.generation.batch_size]
-            batch = as_columns(planned)
-            with timed(seconds, "generate"):
-                batch.update(self.generate(batch))
-            with timed(seconds, "weak_mask"):
-                batch.update(self.weak_mask(batch))
-            with timed(seconds, "remove"):
-                batch.update(self.remove(batch))
+            batch = self.model_stages(as_columns(planned), seconds)
             # CPU stages run beside the next batch's generation.
             finishing.append(self.cpu.submit(self._finish, planned, batch))
             if start == 0:
@@ -125,12 +122,27 @@ class ShardWorker:
             )
         yield stats
 
-    def _finish(self, planned: list[PlannedSample], batch: dict) -> tuple[list[dict], dict, list, dict]:
-        seconds: dict[str, float] = defaultdict(float)
+    def model_stages(self, batch: dict, seconds: dict[str, float]) -> dict:
+        """generate (with capture) -> weak mask -> remove: the stages that use the model."""
+        with timed(seconds, "generate"):
+            batch.update(self.generate(batch))
+        with timed(seconds, "weak_mask"):
+            batch.update(self.weak_mask(batch))
+        with timed(seconds, "remove"):
+            batch.update(self.remove(batch))
+        return batch
+
+    def mask_stages(self, batch: dict, seconds: dict[str, float]) -> dict:
+        """refine -> filter: CPU only."""
         with timed(seconds, "refine"):
             batch.update(self.refine(batch))
         with timed(seconds, "filter"):
             batch.update(self.filter(batch))
+        return batch
+
+    def _finish(self, planned: list[PlannedSample], batch: dict) -> tuple[list[dict], dict, list, dict]:
+        seconds: dict[str, float] = defaultdict(float)
+        self.mask_stages(batch, seconds)
         encoded, dropped, qualities = [], {}, []
         output = self.config.output
         height, width = batch["image"].shape[1:3]

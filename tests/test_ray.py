@@ -88,6 +88,13 @@ def test_two_ray_workers_match_the_local_executor(ray_instance, ray_config, writ
     workers = {json.loads((tmp_path / "ray" / "shards" / f"{s:06d}.json").read_text())["worker"]["pid"] for s in range(3)}
     assert len(workers) == 2, "both actors took shards"
 
+    # Ray Data reads the shards as they are
+    from pipeline.dataset import shard_urls
+
+    rows = ray_instance.data.read_webdataset(shard_urls(tmp_path / "ray")).take_all()
+    assert sorted(row["__key__"] for row in rows) == sorted(local)
+    assert {"jpg", "mask.png", "background.jpg", "json"} <= set(rows[0])
+
 
 def test_worker_process_exit_is_retried(ray_instance, ray_config, write_config, tmp_path, monkeypatch, capsys):
     config_path = write_config(ray_config)

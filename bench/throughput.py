@@ -1,0 +1,284 @@
+"""Throughput of maskmint against plain diffusers, side by side in one process.
+
+    python -m bench.throughput --model toy                                   # CPU, < 2 min
+    python -m bench.throughput --model sd15 --device cuda --dtype fp16 \\
+        --batch 8 --steps 30 --peak-tflops 989 --json bench/throughput-h100.json
+
+Models are built from their real architectures with random weights (nothing downloaded):
+`sd15` (UNet 859.5M, CLIP ViT-L/14 text encoder, VAE [128,256,512,512], 512 px), the
+embedded `toy` model (64 px), or the test-sized `tiny` one (32 px). On the same batch,
+steps and dtype it times, alternating the variants every round so drift hits all alike:
+
+  a  plain StableDiffusionPipeline (SDPA attention, no capture), images decoded
+  b  plain StableDiffusionInpaintPipeline on a's images with a centred mask
+  c  maskmint's generate stage (capture on, heat maps out)
+  d  maskmint's whole chain per sample: generate, weak mask, remove, refine, filter,
+     encode, write (ShardWorker.run_shard on shards of two mini-batches)
+
+and reports samples/s (medians over --repeats rounds after one warm-up round), c/a and
+d/(a+b) (time of a plus b per sample over time of d), peak device memory of a vs c
+(CUDA), the capture's accumulator bytes after 10 and 50 steps (must not grow), and the
+model-FLOP utilisation of d: FLOPs of a + b per sample counted by
+torch.utils.flop_counter on the same shapes, times d's rate, over --peak-tflops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import write_json
+from pipeline.tiny_model import build_tiny_pipeline, build_tokenizer
+from pipeline.worker import ShardWorker, as_columns
+from schemas.config import RunConfig
+from stages.models import load_inpainting, load_text_to_image, quiet_libraries
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ["a", "on", "background", "circle", "square", "triangle", "red", "blue", "gray", "flat", "striped"]
+PROMPTS = {
+    "concepts": [{"name": "circle", "class_id": 1}, {"name": "square", "class_id": 2}, {"name": "triangle", "class_id": 3}],
+    "templates": [{"prompt": "a {colour} {concept} on a {kind} gray background", "background": "a {kind} gray background"}],
+    "fillers": {"colour": ["red", "blue"], "kind": ["flat", "striped"]},
+}
+
+
+def build_sd15():
+    """SD 1.5's architecture with random weights (the tokenizer's vocabulary is a small word list)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(WORDS, max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def build_pipe(name: str, device: torch.device, dtype: torch.dtype):
+    if name == "toy":
+        from schemas.config import ModelConfig
+
+        return load_text_to_image(ModelConfig(path=str(REPO / "assets" / "tiny-sd")), device, dtype)
+    pipe = build_tiny_pipeline(seed=0, image_size=32, words=WORDS) if name == "tiny" else build_sd15()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Bench:
+    def __init__(self, args):
+        quiet_libraries()
+        self.device = torch.device(args.device)
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        self.pipe = build_pipe(args.model, self.device, self.dtype)
+        self.steps, self.batch = args.steps, args.batch
+        self.config = RunConfig.model_validate({
+            "model": {"path": str(REPO / "assets" / "tiny-sd"), "device": args.device},
+            "prompts": PROMPTS,
+            "generation": {"steps": args.steps, "guidance_scale": 7.5, "batch_size": args.batch},
+            "removal": {"steps": args.steps, "guidance_scale": 7.5},
+            # keep every sample so all variants do the same work
+            "filter": {"min_mask_fraction": 0.0, "max_mask_fraction": 1.0, "max_components": 10**6,
+                       "min_image_std": 0.0, "min_removal_delta": 0.0},
+            "output": {"samples": 10**6, "shard_size": 2 * args.batch},
+            "execution": {"executor": "local", "cpu_threads": 2},
+        })
+        self.scratch = tempfile.TemporaryDirectory()
+        (Path(self.scratch.name) / "shards").mkdir()
+        self.worker = ShardWorker(self.config, self.scratch.name, pipe=self.pipe)  # installs capture
+        self.capture_processors = dict(self.pipe.unet.attn_processors)
+        self.inpaint = load_inpainting(self.pipe, self.config.model)
+        self.batch_columns = as_columns([self.worker.plan.sample(i) for i in range(self.batch)])
+        self.height, self.width = self.worker.generate.height, self.worker.generate.width
+        mask = np.zeros((self.batch, self.height, self.width, 1), np.float32)
+        mask[:, self.height // 4 : 3 * self.height // 4, self.width // 4 : 3 * self.width // 4] = 1.0
+        self.mask = mask
+        self.images = None
+        self.next_shard = 0
+
+    def plain_processors(self) -> None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.pipe.unet.set_attn_processor(AttnProcessor2_0())
+
+    def generators(self):
+        return [torch.Generator(self.device).manual_seed(int(s)) for s in self.batch_columns["seed"]]
+
+    @torch.inference_mode()
+    def run_a(self) -> None:
+        self.plain_processors()
+        out = self.pipe(
+            prompt=self.batch_columns["prompt"], negative_prompt=self.batch_columns["negative_prompt"],
+            num_inference_steps=self.steps, guidance_scale=7.5, height=self.height, width=self.width,
+            generator=self.generators(), output_type="np",
+        ).images
+        self.images = out
+        self.pipe.unet.set_attn_processor(dict(self.capture_processors))  # it pops from the dict
+
+    @torch.inference_mode()
+    def run_b(self) -> None:
+        self.plain_processors()
+        self.inpaint(
+            prompt=self.batch_columns["background_prompt"],
+            negative_prompt=self.batch_columns["background_negative_prompt"],
+            image=self.images, mask_image=self.mask, height=self.height, width=self.width, strength=1.0,
+            num_inference_steps=self.steps, guidance_scale=7.5, generator=self.generators(), output_type="np",
+        )
+        self.pipe.unet.set_attn_processor(dict(self.capture_processors))  # it pops from the dict
+
+    def run_c(self) -> None:
+        self.worker.generate(dict(self.batch_columns))
+
+    def run_d(self) -> None:
+        for _ in self.worker.run_shard(self.next_shard):
+            pass
+        self.next_shard += 1
+
+    def timed(self, variant: str) -> float:
+        sync(self.device)
+        start = time.perf_counter()
+        getattr(self, f"run_{variant}")()
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def peak_memory(self, variant: str) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        getattr(self, f"run_{variant}")()
+        sync(self.device)
+        return torch.cuda.max_memory_allocated()
+
+    def capture_bytes(self, steps: int) -> tuple[int, int | None]:
+        """Bytes the capture holds after a generation of `steps` steps, and CUDA peak memory."""
+        generate = self.worker.generate
+        saved = generate.config
+        generate.config = saved.model_copy(update={"steps": steps})
+        store = generate.store
+        sums_bytes = {}
+        original_end = store.end
+
+        def end_and_measure():
+            sums_bytes["bytes"] = sum(t.numel() * t.element_size() for t in store.sums.values())
+            original_end()
+
+        store.end = end_and_measure
+        try:
+            peak = self.peak_memory("c")
+            if peak is None:
+                self.run_c()
+        finally:
+            store.end = original_end
+            generate.config = saved
+        return sums_bytes["bytes"], peak
+
+    def flops_per_sample(self) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            self.run_a()
+            self.run_b()
+        return counter.get_total_flops() / self.batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "toy", "sd15"], default="toy")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10, help="generation steps; removal uses the same")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device's dense fp16/bf16 peak, for MFU")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    started = time.time()
+    bench = Bench(args)
+    variants = ["a", "b", "c", "d"]
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for round_ in range(args.repeats + 1):
+        for variant in variants:
+            seconds = bench.timed(variant)
+            if round_:  # round 0 warms up
+                times[variant].append(seconds)
+    per_sample = {
+        v: statistics.median(t) / (2 * args.batch if v == "d" else args.batch) for v, t in times.items()
+    }
+    rates = {v: 1.0 / s for v, s in per_sample.items()}
+    capture_10, peak_10 = bench.capture_bytes(10)
+    capture_50, peak_50 = bench.capture_bytes(50)
+    flops = bench.flops_per_sample()
+    result = {
+        "model": args.model, "device": str(bench.device),
+        "device_name": torch.cuda.get_device_name() if bench.device.type == "cuda" else "cpu",
+        "dtype": args.dtype, "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "samples_per_s": {v: round(r, 4) for v, r in rates.items()},
+        "c_over_a": per_sample["a"] / per_sample["c"],
+        "d_over_a_plus_b": (per_sample["a"] + per_sample["b"]) / per_sample["d"],
+        "peak_memory_a": bench.peak_memory("a"), "peak_memory_c": bench.peak_memory("c"),
+        "capture_bytes_10_steps": capture_10, "capture_bytes_50_steps": capture_50,
+        "peak_memory_c_10_steps": peak_10, "peak_memory_c_50_steps": peak_50,
+        "tflop_per_triple": flops / 1e12,
+        "achieved_tflops_d": flops * rates["d"] / 1e12,
+        "mfu_d": flops * rates["d"] / (args.peak_tflops * 1e12) if args.peak_tflops else None,
+        "seconds": round(time.time() - started, 1),
+    }
+    print(f"maskmint throughput: {args.model} on {result['device_name']}, {args.dtype}, "
+          f"batch {args.batch}, {args.steps}+{args.steps} steps, median of {args.repeats}")
+    print("| variant | samples/s |\n|---|---|")
+    names = {"a": "a plain generation", "b": "b plain inpainting", "c": "c generate + capture", "d": "d whole chain"}
+    for v in variants:
+        print(f"| {names[v]} | {rates[v]:.3f} |")
+    print(f"c/a = {result['c_over_a']:.3f}   d/(a+b) = {result['d_over_a_plus_b']:.3f}")
+    print(f"capture holds {capture_10} bytes after 10 steps, {capture_50} after 50")
+    if result["peak_memory_a"] is not None:
+        print(f"peak memory a {result['peak_memory_a'] / 2**30:.2f} GiB, c {result['peak_memory_c'] / 2**30:.2f} GiB, "
+              f"c at 10 / 50 steps {peak_10 / 2**30:.2f} / {peak_50 / 2**30:.2f} GiB")
+    mfu = f", MFU of d {result['mfu_d']:.1%}" if result["mfu_d"] is not None else ""
+    print(f"{result['tflop_per_triple']:.4f} TFLOP per triple, d achieves {result['achieved_tflops_d']:.4f} TFLOP/s{mfu}")
+    write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""DIR/README.md: a dataset card written at the end of a run, so a shared dataset explains itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.preview import write_preview
+from pipeline.rundir import RunDir
+from schemas.records import RunSummary
+from stages.write import atomic_write_bytes
+
+PREVIEW_NAME = "preview.png"
+
+
+def _distribution(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    low, median, high = np.percentile(values, [5, 50, 95])
+    return f"{median:.3f} (5%: {low:.3f}, 95%: {high:.3f})"
+
+
+def write_card(run_dir: Path | str, summary: RunSummary) -> Path:
+    rundir = RunDir(run_dir)
+    manifest = rundir.manifest()
+    config = manifest.config
+    stats = rundir.shard_stats()
+    lines = [
+        f"# {config.get('name', 'maskmint run')}",
+        "",
+        "A segmentation dataset minted by maskmint from a text-to-image model: per sample an image, "
+        "a class-index mask (0 background, class ids, 255 ignore), the background with the object "
+        "removed, the concept's attention heat map and metadata, in WebDataset shards under `shards/`.",
+        "",
+        f"- state: {'whole' if summary.whole else f'partial ({len(summary.pending_shards)} shards pending)'}",
+        f"- model: `{config['model']['path']}`" + (f", inpainting `{config['model']['inpaint_path']}`"
+                                                   if config["model"].get("inpaint_path") else ""),
+        f"- samples: {summary.written} written, {summary.dropped} dropped, {summary.planned_samples} planned, "
+        f"in {summary.complete_shards}/{summary.planned_shards} shards",
+        f"- config hash: `{manifest.config_hash}` (full config in `run.json`)",
+        f"- generation: {config['generation']['steps']} steps, guidance {config['generation']['guidance_scale']}; "
+        f"weak mask {config['mask']['threshold']} threshold tau {config['mask']['tau']}; "
+        f"removal {config['removal']['steps']} steps; ignore band {'on' if config['refine']['ignore_band'] else 'off'}",
+        "",
+        "## Classes",
+        "",
+        "| id | name |",
+        "|---|---|",
+        "| 0 | background |",
+        *[f"| {k} | {v} |" for k, v in sorted(manifest.classes.items(), key=lambda item: int(item[0]))],
+        "| 255 | ignore (uncertain pixels) |",
+        "",
+        "## Drops",
+        "",
+    ]
+    if summary.dropped_by_reason:
+        lines += ["| reason | samples |", "|---|---|", *[f"| {r} | {n} |" for r, n in summary.dropped_by_reason.items()]]
+    else:
+        lines.append("No sample was dropped.")
+    keys = sorted({k for s in stats for k in s.mask})
+    lines += [
+        "",
+        "## Mask scores (per-shard means: median and 5-95% range over shards)",
+        "",
+        "| score | value |",
+        "|---|---|",
+        *[f"| {k} | {_distribution([s.mask[k] for s in stats if k in s.mask])} |" for k in keys],
+        "",
+        "Per-sample scores are in each sample's `json` under `quality`.",
+        "",
+    ]
+    if summary.written:
+        write_preview(rundir.root, rundir.root / PREVIEW_NAME)
+        lines += ["## Preview", "", "image | heat map | weak mask | background | mask overlay", "",
+                  f"![preview]({PREVIEW_NAME})", ""]
+    lines += [
+        "## Reading it",
+        "",
+        "```python",
+        "import webdataset as wds",
+        f'ds = wds.WebDataset("shards/{{000000..{max(summary.planned_shards - 1, 0):06d}}}.tar").decode("rgb8")',
+        "```",
+        "",
+        f"Fields: {json.dumps(manifest.fields)}",
+        "",
+    ]
+    path = rundir.root / "README.md"
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    return path

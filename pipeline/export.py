@@ -1,0 +1,135 @@
+"""Exports of a run to formats other tools read, streamed sample by sample.
+
+- `folders`: OUT/images/KEY.jpg|png, OUT/masks/KEY.png (class indices, 255 ignore),
+  OUT/backgrounds/KEY.*, OUT/metadata/KEY.json and OUT/classes.json: what most semantic
+  segmentation codebases take.
+- `coco`: OUT/images/KEY.* and OUT/annotations.json in COCO's instance format: one
+  annotation per connected component of each class, its segmentation an uncompressed RLE
+  (column-major counts, as pycocotools reads it), bbox and area; 255 pixels belong to no
+  annotation. Image and annotation records are spooled to disk as they come, so memory
+  stays flat however large the run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.dataset import read_encoded
+from pipeline.rundir import RunDir, RunDirError
+from schemas.records import MASK_FIELD, METADATA_FIELD
+
+FORMATS = ("folders", "coco")
+
+
+def rle_encode(region: np.ndarray) -> dict:
+    """COCO uncompressed RLE of a boolean [H, W] mask: run lengths over column-major pixels,
+    starting with a run of zeros."""
+    flat = np.asfortranarray(region).reshape(-1, order="F").astype(np.uint8)
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0] == 1:
+        counts = [0, *counts]
+    return {"size": list(region.shape), "counts": counts}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    height, width = rle["size"]
+    values = np.zeros(height * width, np.uint8)
+    position, value = 0, 0
+    for count in rle["counts"]:
+        values[position : position + count] = value
+        position += count
+        value = 1 - value
+    return values.reshape((height, width), order="F").astype(bool)
+
+
+def instances(mask: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(class id, component) for every connected component of every class in the mask."""
+    for class_id in np.unique(mask):
+        if class_id in (0, 255):
+            continue
+        count, labels = cv2.connectedComponents((mask == class_id).astype(np.uint8), connectivity=8)
+        for label in range(1, count):
+            yield int(class_id), labels == label
+
+
+def export(run_dir: Path | str, out: Path | str, fmt: str) -> int:
+    """Write the run's whole shards to OUT in `fmt`; returns the number of samples."""
+    if fmt not in FORMATS:
+        raise RunDirError(f"unknown export format '{fmt}' (choose from {', '.join(FORMATS)})")
+    rundir = RunDir(run_dir)
+    manifest = rundir.manifest()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise RunDirError(f"{out}: exists and is not empty; choose an empty or new folder")
+    image_field, background_field = manifest.fields["image"], manifest.fields["background"]
+    suffix = "." + image_field
+    folders = ["images", "masks", "backgrounds", "metadata"] if fmt == "folders" else ["images"]
+    for name in folders:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    classes = {int(k): v for k, v in manifest.classes.items()}
+
+    count = 0
+    with tempfile.TemporaryDirectory(dir=out) as spool:
+        images_spool = open(Path(spool) / "images.jsonl", "w")
+        annotations_spool = open(Path(spool) / "annotations.jsonl", "w")
+        annotation_id = 0
+        for image_id, stored in enumerate(read_encoded(run_dir), start=1):
+            key = stored["__key__"]
+            # files are copied as stored: no re-encoding, no loss
+            (out / "images" / f"{key}{suffix}").write_bytes(stored[image_field])
+            if fmt == "folders":
+                (out / "masks" / f"{key}.png").write_bytes(stored[MASK_FIELD])
+                (out / "backgrounds" / f"{key}{suffix}").write_bytes(stored[background_field])
+                (out / "metadata" / f"{key}.json").write_bytes(stored[METADATA_FIELD])
+            else:
+                mask = cv2.imdecode(np.frombuffer(stored[MASK_FIELD], np.uint8), cv2.IMREAD_UNCHANGED)
+                height, width = mask.shape
+                images_spool.write(json.dumps({
+                    "id": image_id, "file_name": f"images/{key}{suffix}", "height": height, "width": width,
+                    "maskmint_key": key, "prompt": json.loads(stored[METADATA_FIELD]).get("prompt"),
+                }) + "\n")
+                for class_id, region in instances(mask):
+                    annotation_id += 1
+                    x, y, w, h = cv2.boundingRect(region.astype(np.uint8))
+                    annotations_spool.write(json.dumps({
+                        "id": annotation_id, "image_id": image_id, "category_id": class_id, "iscrowd": 0,
+                        "area": int(region.sum()), "bbox": [x, y, w, h], "segmentation": rle_encode(region),
+                    }) + "\n")
+            count += 1
+        images_spool.close()
+        annotations_spool.close()
+        if fmt == "folders":
+            (out / "classes.json").write_text(json.dumps({"0": "background", **classes, "255": "ignore"}, indent=1))
+        else:
+            _stitch_coco(out / "annotations.json", classes, Path(spool))
+    return count
+
+
+def _stitch_coco(path: Path, classes: dict[int, str], spool: Path) -> None:
+    """annotations.json from the spooled records, line by line."""
+
+    def copy_array(handle, name: str, source: Path) -> None:
+        handle.write(f'"{name}": [')
+        with open(source) as lines:
+            for i, line in enumerate(lines):
+                handle.write(("," if i else "") + "\n" + line.rstrip("\n"))
+        handle.write("\n]")
+
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as handle:
+        categories = [{"id": k, "name": v, "supercategory": "object"} for k, v in sorted(classes.items())]
+        handle.write('{"info": {"description": "maskmint export"},\n"categories": ' + json.dumps(categories) + ",\n")
+        copy_array(handle, "images", spool / "images.jsonl")
+        handle.write(",\n")
+        copy_array(handle, "annotations", spool / "annotations.jsonl")
+        handle.write("}\n")
+    shutil.move(tmp, path)

@@ -1,0 +1,63 @@
+"""The toy world's truth rules, the shipped model, and the benchmarks' quick modes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bench import quality, throughput
+from bench.toyworld import (
+    COLORS,
+    SHAPES,
+    closest_shape,
+    colour_pixels,
+    object_pixels,
+    render_scene,
+)
+from schemas.config import RunConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_toy_world_rules_recover_the_rendered_truth():
+    rng = np.random.default_rng(123)
+    shapes_right, objects = 0, 0
+    for _ in range(60):
+        scene = render_scene(rng)
+        assert np.array_equal(object_pixels(scene.image), scene.mask > 0)
+        assert not object_pixels(scene.background).any()  # backgrounds never use object colours
+        for colour, shape in scene.objects:
+            region = colour_pixels(scene.image, colour)
+            assert set(np.unique(scene.mask[region])) == {SHAPES[shape]}
+            shapes_right += closest_shape(region) == shape
+            objects += 1
+        assert all(colour in COLORS for colour, _ in scene.objects)
+    assert objects > 60 and shapes_right / objects >= 0.95
+
+
+def test_shipped_model_is_the_demos_and_its_masks_beat_chance():
+    config = load_config(REPO / "configs" / "demo.yaml")
+    assert Path(config.model.path).resolve() == (REPO / "assets" / "tiny-sd").resolve()
+    provenance = json.loads((REPO / "assets" / "tiny-sd" / "training.json").read_text())
+    assert provenance["trained_by"] == "bench/train_toy_model.py"
+
+    data = config.model_dump(mode="json")
+    data["generation"]["batch_size"] = 6
+    data["execution"]["seed"] = 7
+    summary, scores, _ = quality.evaluate(RunConfig.model_validate(data), samples=6, progress=False)
+    # chance: a mask of the object's size placed at random overlaps it by about its area share (~5-15%)
+    chance = np.mean([s["truth_area"] for s in scores])
+    assert summary["prompt_fidelity"] >= 0.5, scores
+    assert summary["weak_iou"] >= max(0.5, 4 * chance), scores
+    assert summary["refined_iou"] >= 0.5, scores
+
+
+def test_throughput_cpu_smoke(tmp_path):
+    out = tmp_path / "throughput.json"
+    assert throughput.main(["--model", "tiny", "--batch", "2", "--steps", "2", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert all(rate > 0 for rate in result["samples_per_s"].values())
+    assert result["capture_bytes_10_steps"] == result["capture_bytes_50_steps"] > 0  # no per-step growth
+    assert result["tflop_per_triple"] > 0 and result["c_over_a"] > 0 and result["d_over_a_plus_b"] > 0
