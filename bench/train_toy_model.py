@@ -4,11 +4,14 @@ Tokenizer (CLIP vocab/merges from the world's words), CLIP text encoder, VAE and
 cross-attention UNet are trained here and saved as a standard diffusers
 StableDiffusionPipeline folder, so maskmint runs it by the same code path as real SD.
 
-    python -m bench.train_toy_model --out assets/toy-sd            # defaults: ~50 min on 2 CPU cores
+    python -m bench.train_toy_model --out assets/tiny-sd            # defaults: ~1 h on 2 CPU cores
+    python -m bench.train_toy_model --resume assets/tiny-sd --out DIR --vae-steps 0 --unet-steps 1000
 
 Stage 1 trains the VAE on renders (reconstruction + small KL); stage 2 freezes it and
 trains the text encoder and UNet jointly on epsilon prediction, with 10% empty captions
-for classifier-free guidance and an EMA of the weights. Every scene comes from a seeded
+for classifier-free guidance, a share of object-free scenes (captioned "a striped gray
+background": the removal stage asks for exactly those) and an EMA of the weights.
+--resume continues from a saved folder; OUT/training.json records the whole chain. Every scene comes from a seeded
 generator, so a run is reproducible up to floating-point non-determinism.
 """
 
@@ -84,6 +87,14 @@ def build_models(tokenizer, seed: int):
     return text_encoder, vae, unet
 
 
+def load_models(folder: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+
+
 def train_vae(vae, steps: int, batch: int, rng, handle) -> float:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     vae.train()
@@ -109,7 +120,10 @@ def train_vae(vae, steps: int, batch: int, rng, handle) -> float:
     return std
 
 
-def train_unet(text_encoder, vae, unet, tokenizer, steps: int, batch: int, lr: float, rng, handle) -> None:
+def train_unet(
+    text_encoder, vae, unet, tokenizer, steps: int, batch: int, lr: float, rng, handle, empty_share: float,
+    offset_noise: float,
+) -> None:
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
@@ -123,12 +137,14 @@ def train_unet(text_encoder, vae, unet, tokenizer, steps: int, batch: int, lr: f
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
     start, running = time.time(), 0.0
     for step in range(1, steps + 1):
-        images, captions = scenes_batch(rng, batch)
+        images, captions = scenes_batch(rng, batch, empty_share)
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample(generator) * vae.config.scaling_factor
         ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
         noise = torch.randn(latents.shape, generator=generator)
+        if offset_noise:  # lets the model move a whole image's mean: plain white or black scenes
+            noise += offset_noise * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
@@ -173,6 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--empty-share", type=float, default=0.1,
+                        help="share of object-free scenes: removal asks the model for exactly those")
+    parser.add_argument("--offset-noise", type=float, default=0.0,
+                        help="per-channel noise offset; without it plain bright or dark scenes come out wrong")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="continue from a saved pipeline folder (its tokenizer, VAE, text encoder, UNet)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--log", type=Path, default=None, help="log file (default: OUT.train.log beside OUT)")
@@ -184,8 +206,11 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_libraries()
     rng = np.random.default_rng(args.seed)
-    tokenizer = build_tokenizer(WORDS, max_length=MAX_TOKENS)
-    text_encoder, vae, unet = build_models(tokenizer, args.seed)
+    if args.resume:
+        tokenizer, text_encoder, vae, unet = load_models(args.resume)
+    else:
+        tokenizer = build_tokenizer(WORDS, max_length=MAX_TOKENS)
+        text_encoder, vae, unet = build_models(tokenizer, args.seed)
     log_path = args.log or args.out.with_name(args.out.name + ".train.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as handle:
@@ -194,16 +219,20 @@ def main(argv: list[str] | None = None) -> None:
             f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, "
             f"text {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M", handle)
         start = time.time()
-        train_vae(vae, args.vae_steps, args.vae_batch, rng, handle)
+        if args.vae_steps:
+            train_vae(vae, args.vae_steps, args.vae_batch, rng, handle)
         vae.requires_grad_(False)
-        train_unet(text_encoder, vae, unet, tokenizer, args.unet_steps, args.unet_batch, args.lr, rng, handle)
+        train_unet(text_encoder, vae, unet, tokenizer, args.unet_steps, args.unet_batch, args.lr, rng, handle,
+                   args.empty_share, args.offset_noise)
         save_pipeline(args.out, text_encoder, vae, unet, tokenizer)
         minutes = (time.time() - start) / 60
-        write_provenance(args.out, vars(args), minutes, log_path)
+        previous = args.resume / "training.json" if args.resume else None
+        write_provenance(args.out, vars(args), minutes, log_path,
+                         json.loads(previous.read_text()) if previous and previous.exists() else None)
         log(f"saved {args.out} after {minutes:.1f} min", handle)
 
 
-def write_provenance(out: Path, arguments: dict, minutes: float, log_path: Path) -> None:
+def write_provenance(out: Path, arguments: dict, minutes: float, log_path: Path, resumed_from: dict | None = None) -> None:
     """OUT/training.json: how the shipped weights were made, so they can be made again."""
     import platform
 
@@ -214,6 +243,7 @@ def write_provenance(out: Path, arguments: dict, minutes: float, log_path: Path)
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "log_tail": log_path.read_text().splitlines()[-6:] if log_path.exists() else [],
+        "resumed_from": resumed_from,
     }
     (Path(out) / "training.json").write_text(json.dumps(record, indent=1))
 

@@ -36,12 +36,18 @@ def _byte_symbols() -> list[str]:
 
 
 def clip_vocab_and_merges(words: list[str] | tuple[str, ...] = DEFAULT_WORDS) -> tuple[dict[str, int], list[str]]:
-    """A CLIP-format BPE vocabulary in which every listed word is one token."""
+    """A CLIP-format BPE vocabulary in which every listed word is one token.
+
+    Each word gets a left-to-right chain of merges. BPE applies the best-ranked pair first,
+    so one word's early merge can cut into another ("t r" of triangle inside "striped");
+    such words get merges joining the pieces they end up in, ranked last, until every
+    word is whole.
+    """
     symbols = _byte_symbols()
     vocab_list = symbols + [s + "</w>" for s in symbols]
     merges: list[str] = []
-    for word in dict.fromkeys(w.lower() for w in words):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+
+    def chain(pieces: list[str]) -> None:
         while len(pieces) > 1:
             merged = pieces[0] + pieces[1]
             rule = f"{pieces[0]} {pieces[1]}"
@@ -49,9 +55,41 @@ def clip_vocab_and_merges(words: list[str] | tuple[str, ...] = DEFAULT_WORDS) ->
                 merges.append(rule)
                 vocab_list.append(merged)
             pieces = [merged] + pieces[2:]
+
+    unique = list(dict.fromkeys(w.lower() for w in words))
+    for word in unique:
+        chain(list(word[:-1]) + [word[-1] + "</w>"])
+    for _ in range(len(unique)):
+        broken = [(w, p) for w in unique if len(p := _bpe(w, merges)) > 1]
+        if not broken:
+            break
+        for _word, pieces in broken:
+            chain(pieces)
     vocab_list += [BOS, EOS]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
     return vocab, merges
+
+
+def _bpe(word: str, merges: list[str]) -> list[str]:
+    """CLIP's BPE of one word: repeatedly merge the best-ranked adjacent pair."""
+    ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        first, second = pieces[i], pieces[i + 1]
+        merged, j = [], 0
+        while j < len(pieces):  # merge every occurrence of the pair, as CLIP does
+            if j < len(pieces) - 1 and pieces[j] == first and pieces[j + 1] == second:
+                merged.append(first + second)
+                j += 2
+            else:
+                merged.append(pieces[j])
+                j += 1
+        pieces = merged
+    return pieces
 
 
 def build_tokenizer(words=DEFAULT_WORDS, max_length: int = 77):

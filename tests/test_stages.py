@@ -122,6 +122,14 @@ def test_token_positions_single_and_multi_token(tokenizer):
         token_positions(tokenize, "dog " * 80 + "zebra", (320, 325), 77)
 
 
+def test_local_tokenizer_keeps_every_listed_word_whole():
+    # "striped" holds the start of "triangle" ("tri"): a naive merge list splits it
+    words = ["triangle", "striped", "green", "red", "tree", "street"]
+    tokenizer = build_tokenizer(words)
+    assert {w: tokenizer.tokenize(w) for w in words} == {w: [w + "</w>"] for w in words}
+    assert tokenizer.tokenize("zebra") != ["zebra</w>"]  # unlisted words still split into pieces
+
+
 def test_prompt_builder_is_deterministic_and_balanced(tokenizer):
     config = PromptsConfig(
         concepts=[
