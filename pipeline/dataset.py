@@ -131,10 +131,10 @@ def segmentation_dataset(
         sample = _to_sample(raw)
         if transform is not None:
             sample = transform(sample, rng)
-        image = torch.from_numpy(sample.image).permute(2, 0, 1).float().div_(255)
+        image = torch.from_numpy(np.array(sample.image)).permute(2, 0, 1).float().div_(255)  # decoded arrays are read-only
         mask = torch.from_numpy(sample.mask.astype(np.int64))
         if with_background:
-            return image, mask, torch.from_numpy(sample.background).permute(2, 0, 1).float().div_(255)
+            return image, mask, torch.from_numpy(np.array(sample.background)).permute(2, 0, 1).float().div_(255)
         return image, mask
 
     urls = shard_urls(source)
