@@ -130,6 +130,7 @@ class ShardWorker:
             batch.update(self.weak_mask(batch))
         with timed(seconds, "remove"):
             batch.update(self.remove(batch))
+        batch.pop("latents", None)  # device memory; the CPU stages do not need it
         return batch
 
     def mask_stages(self, batch: dict, seconds: dict[str, float]) -> dict:

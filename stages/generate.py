@@ -39,7 +39,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class Generate:
-    """Batch stage: prompts -> `image` uint8 [B,H,W,3], `heatmap` float32 [B,C,H,W], `finite` bools."""
+    """Batch stage: prompts -> `image` uint8 [B,H,W,3], `heatmap` float32 [B,C,H,W], `finite` bools,
+    and `latents` (scaled, on the model's device) so removal need not encode the image again."""
 
     def __init__(self, pipe, generation: GenerationConfig, capture: CaptureConfig):
         self.pipe = pipe
@@ -76,4 +77,5 @@ class Generate:
             "image": to_uint8(decoded),
             "heatmap": torch.nan_to_num(heat).float().cpu().numpy(),
             "finite": finite.cpu().tolist(),
+            "latents": latents,
         }

@@ -30,10 +30,18 @@ class Remove:
             return {"background": backgrounds}
         device = self.pipe.device
         height, width = images.shape[1:3]
+        latents = batch.get("latents")
+        if latents is not None and self.pipe.unet.config.in_channels == 4:
+            # Latent blending only needs the image's latents: reuse generation's, skipping two
+            # VAE encodes (image and masked image; the latter is unused by a 4-channel UNet).
+            image = masked = latents[todo]
+        else:
+            image, masked = images[todo].astype(np.float32) / 255.0, None
         inpainted = self.pipe(
             prompt=[batch["background_prompt"][i] for i in todo],
             negative_prompt=[batch["background_negative_prompt"][i] for i in todo],
-            image=images[todo].astype(np.float32) / 255.0,
+            image=image,
+            masked_image_latents=masked,
             mask_image=regions[todo, :, :, None].astype(np.float32),
             height=height,
             width=width,
