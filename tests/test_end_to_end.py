@@ -152,3 +152,29 @@ def test_same_key_gives_same_sample(config_dict, write_config, tmp_path):
         assert a[key]["jpg"] == b[key]["jpg"] and a[key]["mask.png"] == b[key]["mask.png"]
     distinct = {fields["jpg"] for fields in a.values()}
     assert len(distinct) == len(a)  # different keys, different images
+
+
+def test_dedicated_inpainting_unet_shares_the_base_components(config_dict, write_config, tiny_model_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from bench.train_toy_inpaint import inpainting_unet
+    from pipeline.worker import ShardWorker
+
+    inpaint_dir = tmp_path / "inpaint"
+    inpainting_unet(UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")).save_pretrained(
+        inpaint_dir / "unet"
+    )
+    config_dict["model"]["inpaint_path"] = str(inpaint_dir)
+    config_path = write_config(config_dict)
+    worker = ShardWorker(load_config(config_path), tmp_path / "scratch")
+    base, inpaint = worker.generate.pipe, worker.remove.pipe
+    assert inpaint.unet.config.in_channels == 9 and base.unet.config.in_channels == 4
+    assert inpaint.vae is base.vae and inpaint.text_encoder is base.text_encoder  # loaded once
+    worker.close()
+
+    out = tmp_path / "run"
+    assert run_cli(config_path, out) == 0
+    stats = RunDir(out).shard_stats()
+    assert sorted([k for s in stats for k in s.written] + [k for s in stats for k in s.dropped]) == planned_keys(
+        load_config(config_path)
+    )
