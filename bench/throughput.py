@@ -188,23 +188,14 @@ class Bench:
         generate = self.worker.generate
         saved = generate.config
         generate.config = saved.model_copy(update={"steps": steps})
-        store = generate.store
-        sums_bytes = {}
-        original_end = store.end
-
-        def end_and_measure():
-            sums_bytes["bytes"] = sum(t.numel() * t.element_size() for t in store.sums.values())
-            original_end()
-
-        store.end = end_and_measure
         try:
             peak = self.peak_memory("c")
             if peak is None:
                 self.run_c()
         finally:
-            store.end = original_end
             generate.config = saved
-        return sums_bytes["bytes"], peak
+        # the accumulators stay in the store until the next batch begins
+        return sum(t.numel() * t.element_size() for t in generate.store.sums.values()), peak
 
     def flops_per_sample(self) -> float:
         from torch.utils.flop_counter import FlopCounterMode

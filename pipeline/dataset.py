@@ -16,7 +16,14 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.rundir import RunDir
-from schemas.records import HEATMAP_FIELD, IGNORE_INDEX, MASK_FIELD, METADATA_FIELD
+from schemas.records import (
+    HEATMAP_FIELD,
+    IGNORE_INDEX,
+    IMAGE_FIELDS,
+    MASK_FIELD,
+    METADATA_FIELD,
+    background_field,
+)
 
 Source = str | Path | list[str | Path]
 
@@ -44,7 +51,7 @@ class Sample:
 
 def _to_sample(raw: dict) -> Sample:
     """A webdataset sample decoded with "rgb8" -> Sample; image fields found by suffix, jpg or png."""
-    image_field = next(k for k in ("jpg", "png") if k in raw)
+    image_field = next(k for k in IMAGE_FIELDS.values() if k in raw)
     metadata = raw[METADATA_FIELD]
     if isinstance(metadata, bytes | str):
         metadata = json.loads(metadata)
@@ -57,7 +64,7 @@ def _to_sample(raw: dict) -> Sample:
         key=raw["__key__"],
         image=raw[image_field],
         mask=mask,
-        background=raw[f"background.{image_field}"],
+        background=raw[background_field(image_field)],
         heatmap=np.stack(np.split(heat, heat.shape[1] // width, axis=1)),
         metadata=metadata,
     )

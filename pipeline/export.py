@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.dataset import read_encoded
 from pipeline.rundir import RunDir, RunDirError
-from schemas.records import MASK_FIELD, METADATA_FIELD
+from schemas.records import BACKGROUND_ID, IGNORE_INDEX, MASK_FIELD, METADATA_FIELD
 
 FORMATS = ("folders", "coco")
 
@@ -54,7 +54,7 @@ def rle_decode(rle: dict) -> np.ndarray:
 def instances(mask: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """(class id, component) for every connected component of every class in the mask."""
     for class_id in np.unique(mask):
-        if class_id in (0, 255):
+        if class_id in (BACKGROUND_ID, IGNORE_INDEX):
             continue
         count, labels = cv2.connectedComponents((mask == class_id).astype(np.uint8), connectivity=8)
         for label in range(1, count):
@@ -78,9 +78,11 @@ def export(run_dir: Path | str, out: Path | str, fmt: str) -> int:
     classes = {int(k): v for k, v in manifest.classes.items()}
 
     count = 0
-    with tempfile.TemporaryDirectory(dir=out) as spool:
-        images_spool = open(Path(spool) / "images.jsonl", "w")
-        annotations_spool = open(Path(spool) / "annotations.jsonl", "w")
+    with (
+        tempfile.TemporaryDirectory(dir=out) as spool,
+        open(Path(spool) / "images.jsonl", "w") as images_spool,
+        open(Path(spool) / "annotations.jsonl", "w") as annotations_spool,
+    ):
         annotation_id = 0
         for image_id, stored in enumerate(read_encoded(run_dir), start=1):
             key = stored["__key__"]
@@ -105,10 +107,10 @@ def export(run_dir: Path | str, out: Path | str, fmt: str) -> int:
                         "area": int(region.sum()), "bbox": [x, y, w, h], "segmentation": rle_encode(region),
                     }) + "\n")
             count += 1
-        images_spool.close()
-        annotations_spool.close()
+        images_spool.flush()
+        annotations_spool.flush()
         if fmt == "folders":
-            (out / "classes.json").write_text(json.dumps({"0": "background", **classes, "255": "ignore"}, indent=1))
+            (out / "classes.json").write_text(json.dumps({BACKGROUND_ID: "background", **classes, IGNORE_INDEX: "ignore"}, indent=1))
         else:
             _stitch_coco(out / "annotations.json", classes, Path(spool))
     return count

@@ -124,21 +124,19 @@ class ShardWorker:
 
     def model_stages(self, batch: dict, seconds: dict[str, float]) -> dict:
         """generate (with capture) -> weak mask -> remove: the stages that use the model."""
-        with timed(seconds, "generate"):
-            batch.update(self.generate(batch))
-        with timed(seconds, "weak_mask"):
-            batch.update(self.weak_mask(batch))
-        with timed(seconds, "remove"):
-            batch.update(self.remove(batch))
+        self._apply(batch, seconds, ("generate", self.generate), ("weak_mask", self.weak_mask), ("remove", self.remove))
         batch.pop("latents", None)  # device memory; the CPU stages do not need it
         return batch
 
     def mask_stages(self, batch: dict, seconds: dict[str, float]) -> dict:
         """refine -> filter: CPU only."""
-        with timed(seconds, "refine"):
-            batch.update(self.refine(batch))
-        with timed(seconds, "filter"):
-            batch.update(self.filter(batch))
+        return self._apply(batch, seconds, ("refine", self.refine), ("filter", self.filter))
+
+    @staticmethod
+    def _apply(batch: dict, seconds: dict[str, float], *stages) -> dict:
+        for name, stage in stages:
+            with timed(seconds, name):
+                batch.update(stage(batch))
         return batch
 
     def _finish(self, planned: list[PlannedSample], batch: dict) -> tuple[list[dict], dict, list, dict]:
