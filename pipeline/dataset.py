@@ -132,12 +132,20 @@ def segmentation_dataset(
     import torch
 
     transform = joint_resize_crop(size, train) if size else None
-    rng = np.random.default_rng(seed)
+    rngs: dict[int, np.random.Generator] = {}
+
+    def worker_rng() -> np.random.Generator:
+        """One generator per DataLoader worker: a shared seed would give every worker the same crops."""
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else -1
+        if worker not in rngs:
+            rngs[worker] = np.random.default_rng([seed, worker + 1])
+        return rngs[worker]
 
     def to_tensors(raw: dict):
         sample = _to_sample(raw)
         if transform is not None:
-            sample = transform(sample, rng)
+            sample = transform(sample, worker_rng())
         image = torch.from_numpy(np.array(sample.image)).permute(2, 0, 1).float().div_(255)  # decoded arrays are read-only
         mask = torch.from_numpy(sample.mask.astype(np.int64))
         if with_background:
