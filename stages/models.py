@@ -55,8 +55,8 @@ def load_text_to_image(config: ModelConfig, device: torch.device, dtype: torch.d
                 config=config.single_file_config,
                 dtype=dtype,
                 safety_checker=None,
+                feature_extractor=None,  # only the safety checker reads it; else fetched from the hub
                 requires_safety_checker=False,
-                load_safety_checker=False,
             )
         else:
             pipe = StableDiffusionPipeline.from_pretrained(
