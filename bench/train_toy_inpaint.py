@@ -4,11 +4,12 @@
 
 Input channels are SD-inpainting's: noisy latents, the mask at latent size, the masked
 image's latents; the new channels start at zero, so training begins at the base UNet.
-Half of each batch is the removal task with the world's exact answer (the object's
-dilated mask, the object-free background as target, the background caption); the other
-half is ordinary inpainting of a random box with the full caption. The text encoder and
-VAE stay the base model's (maskmint shares them), so only the UNet is saved, in
-OUT/unet, which `model.inpaint_path: OUT` loads.
+By default three quarters of each batch is the removal task with the world's exact
+answer (the object's dilated mask grown to whole latent cells as maskmint's remove stage
+does, the object-free background as target, the background caption); the rest is
+ordinary inpainting of a random box with the full caption. The text encoder and VAE stay
+the base model's (maskmint shares them), so only the UNet is saved, in OUT/unet, which
+`model.inpaint_path: OUT` loads.
 """
 
 from __future__ import annotations
@@ -18,23 +19,23 @@ import json
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bench.toyworld import SIZE, caption_for, render_scene
 from bench.train_toy_model import MAX_TOKENS, load_models, log
+from stages.masks import cover_cells, dilate
 
 
-def removal_or_box_batch(rng: np.random.Generator, size: int):
+def removal_or_box_batch(rng: np.random.Generator, size: int, removal_share: float, cell: int):
     """(target, image, mask, captions): images in [-1, 1] NCHW, masks 0/1 N1HW."""
     targets, images, masks, captions = [], [], [], []
     for i in range(size):
         scene = render_scene(rng, n_objects=1 if rng.random() < 0.7 else 2)
-        if i % 2 == 0 and scene.objects:  # removal: fill the object's place with background
+        if rng.random() < removal_share and scene.objects:  # removal: fill the object's place with background
             grow = int(rng.integers(1, 6))
-            region = cv2.dilate((scene.mask > 0).astype(np.uint8), np.ones((2 * grow + 1,) * 2, np.uint8))
+            region = cover_cells(dilate(scene.mask > 0, grow), cell).astype(np.uint8)
             targets.append(scene.background)
             kind, tone = scene.caption.rsplit(" on a ", 1)[-1].split()[:2] if " on a " in scene.caption else ("flat", "gray")
             captions.append(caption_for([], kind, tone))
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--removal-share", type=float, default=0.75,
+                        help="share of each batch given the exact removal task; the rest inpaints random boxes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     ema = EMAModel(unet.parameters(), decay=0.9995, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
     generator = torch.Generator().manual_seed(args.seed)
     scale = vae.config.scaling_factor
+    cell = 2 ** (len(vae.config.block_out_channels) - 1)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "train.log"
     start, running = time.time(), 0.0
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"training toy inpainting UNet: {json.dumps({k: str(v) for k, v in vars(args).items()})}", handle)
         unet.train()
         for step in range(1, args.steps + 1):
-            target, image, mask, captions = removal_or_box_batch(rng, args.batch)
+            target, image, mask, captions = removal_or_box_batch(rng, args.batch, args.removal_share, cell)
             with torch.no_grad():
                 latents = vae.encode(target).latent_dist.sample(generator) * scale
                 masked = vae.encode(image * (mask < 0.5)).latent_dist.sample(generator) * scale

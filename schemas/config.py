@@ -199,6 +199,11 @@ class RemovalConfig(Section):
     guidance_scale: float = Field(default=7.5, ge=0.0)
     strength: float = Field(default=1.0, gt=0.0, le=1.0)
     dilate_px: int = Field(default=4, ge=0, description="grow the weak mask before inpainting so edges go too")
+    prefill: bool = Field(
+        default=False,
+        description="fill the region from its surroundings (OpenCV Telea) first, so that with strength < 1 "
+        "denoising starts from that fill instead of from the object",
+    )
 
 
 class RefineConfig(Section):

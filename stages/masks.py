@@ -22,6 +22,20 @@ def erode(mask: np.ndarray, radius: int) -> np.ndarray:
     return cv2.erode(mask.astype(np.uint8), _disk(radius), borderType=cv2.BORDER_REPLICATE).astype(bool)
 
 
+def cover_cells(mask: np.ndarray, cell: int) -> np.ndarray:
+    """Grow a mask to whole cell x cell blocks: every latent cell it touches, at pixel size.
+
+    Inpainting samples the pixel mask down to the latent grid by nearest neighbour, so a cell
+    only partly masked may be kept whole and carry the object's edge into the background.
+    """
+    height, width = mask.shape
+    rows, cols = -(-height // cell), -(-width // cell)
+    padded = np.zeros((rows * cell, cols * cell), bool)
+    padded[:height, :width] = mask
+    cells = padded.reshape(rows, cell, cols, cell).any(axis=(1, 3))
+    return np.repeat(np.repeat(cells, cell, axis=0), cell, axis=1)[:height, :width]
+
+
 def count_components(mask: np.ndarray) -> int:
     count, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
     return count - 1

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 
 from schemas.config import RemovalConfig
 from schemas.records import BACKGROUND_ID
-from stages.masks import dilate
+from stages.masks import cover_cells, dilate
 
 # Inpainting noise must differ from generation noise drawn from the same seed.
 REMOVAL_SEED_OFFSET = 1
+
+
+def prefill(image: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The region filled from its surroundings: a starting point that holds no object."""
+    radius = max(3, int(np.sqrt(region.sum()) / 4))
+    return cv2.inpaint(image, region.astype(np.uint8), radius, cv2.INPAINT_TELEA)
 
 
 class Remove:
@@ -29,20 +36,23 @@ class Remove:
         if not todo:
             return {"background": backgrounds}
         device = self.pipe.device
+        cell = self.pipe.vae_scale_factor
+        cells = np.stack([cover_cells(regions[i], cell) for i in todo])
         height, width = images.shape[1:3]
-        latents = batch.get("latents")
+        latents = None if self.config.prefill else batch.get("latents")
         if latents is not None and self.pipe.unet.config.in_channels == 4:
             # Latent blending only needs the image's latents: reuse generation's, skipping two
             # VAE encodes (image and masked image; the latter is unused by a 4-channel UNet).
             image = masked = latents[todo]
         else:
-            image, masked = images[todo].astype(np.float32) / 255.0, None
+            start = np.stack([prefill(images[i], regions[i]) for i in todo]) if self.config.prefill else images[todo]
+            image, masked = start.astype(np.float32) / 255.0, None
         inpainted = self.pipe(
             prompt=[batch["background_prompt"][i] for i in todo],
             negative_prompt=[batch["background_negative_prompt"][i] for i in todo],
             image=image,
             masked_image_latents=masked,
-            mask_image=regions[todo, :, :, None].astype(np.float32),
+            mask_image=cells[:, :, :, None].astype(np.float32),
             height=height,
             width=width,
             strength=self.config.strength,

@@ -9,8 +9,10 @@ import pytest
 from pipeline.tiny_model import build_tokenizer
 from schemas.config import FilterConfig, MaskConfig, PromptsConfig, RefineConfig
 from stages.filter import drop_reason
+from stages.masks import cover_cells, lab_distance
 from stages.prompts import PromptBuilder, PromptError, token_positions
 from stages.refine import refine_mask
+from stages.remove import prefill
 from stages.weak_mask import normalise, weak_mask
 
 
@@ -66,6 +68,25 @@ def test_refine_recovers_the_object_exactly_from_its_background():
     assert set(np.unique(mask)) == {0, 5}
     assert iou(mask == 5, truth) > 0.97
     assert quality["components"] == 1 and quality["removal_delta"] > 50
+
+
+def test_cover_cells_masks_every_latent_cell_the_region_touches():
+    region = np.zeros((16, 12), bool)
+    region[5, 6] = True  # one pixel in the cell at rows 4-7, columns 4-7
+    region[15, 0] = True
+    covered = cover_cells(region, 4)
+    expected = np.zeros_like(region)
+    expected[4:8, 4:8] = expected[12:16, 0:4] = True
+    np.testing.assert_array_equal(covered, expected)
+
+
+def test_prefill_leaves_no_object_in_the_region():
+    image, background, truth = scene()
+    region = cv2.dilate(truth.astype(np.uint8), np.ones((5, 5))).astype(bool)
+    filled = prefill(image, region)
+    assert np.all(filled[~region] == image[~region])
+    assert lab_distance(filled, background)[region].max() < 20  # gray (up to its noise), not red
+    assert lab_distance(image, background)[truth].min() > 50
 
 
 def test_refine_ignore_band_marks_the_outline():
