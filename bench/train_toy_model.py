@@ -4,14 +4,18 @@ Tokenizer (CLIP vocab/merges from the world's words), CLIP text encoder, VAE and
 cross-attention UNet are trained here and saved as a standard diffusers
 StableDiffusionPipeline folder, so maskmint runs it by the same code path as real SD.
 
-    python -m bench.train_toy_model --out assets/tiny-sd            # defaults: ~1 h on 2 CPU cores
+    python -m bench.train_toy_model --out assets/tiny-sd            # defaults: ~70 min on 2 CPU cores
     python -m bench.train_toy_model --resume assets/tiny-sd --out DIR --vae-steps 0 --unet-steps 1000
 
 Stage 1 trains the VAE on renders (reconstruction + small KL); stage 2 freezes it and
 trains the text encoder and UNet jointly on epsilon prediction, with 10% empty captions
 for classifier-free guidance, a share of object-free scenes (captioned "a striped gray
 background": the removal stage asks for exactly those) and an EMA of the weights.
---resume continues from a saved folder; OUT/training.json records the whole chain. Every scene comes from a seeded
+Stage 3 fine-tunes the VAE decoder alone on the UNet's own x0 estimates (from renders
+noised to t < 600, 30% clean latents): the small decoder otherwise turns the UNet's
+near-misses of a plain light scene (latents within ~0.2 of the truth) into dark smears, so
+object-free scenes, which removal asks for, came out wrong. The latent space, and so the
+UNet's task, stays the same. --resume continues from a saved folder; OUT/training.json records the whole chain. Every scene comes from a seeded
 generator, so a run is reproducible up to floating-point non-determinism.
 """
 
@@ -30,6 +34,7 @@ from bench.toyworld import SIZE, WORDS, render_scene
 from pipeline.tiny_model import build_tokenizer
 
 MAX_TOKENS = 16  # the longest caption is 14 tokens with BOS/EOS
+DECODER_EMPTY_SHARE = 0.4  # the decoder stage leans on the object-free scenes it was failing
 
 
 def log(message: str, handle) -> None:
@@ -95,6 +100,17 @@ def load_models(folder: Path):
     return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
 
 
+def reconstruction_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(recon, images) + 0.1 * F.l1_loss(recon, images)
+
+
+def optimise(optimizer, loss: torch.Tensor) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def train_vae(vae, steps: int, batch: int, rng, handle) -> float:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     vae.train()
@@ -103,11 +119,7 @@ def train_vae(vae, steps: int, batch: int, rng, handle) -> float:
         images, _ = scenes_batch(rng, batch, empty_share=0.0)
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(recon, images) + 0.1 * F.l1_loss(recon, images) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running += loss.item()
+        running += optimise(optimizer, reconstruction_loss(recon, images) + 1e-6 * posterior.kl().mean())
         if step % 50 == 0:
             log(f"vae step {step}/{steps} loss {running / 50:.5f} ({time.time() - start:.0f}s)", handle)
             running = 0.0
@@ -165,6 +177,39 @@ def train_unet(
     text_encoder.eval()
 
 
+def train_decoder(text_encoder, vae, unet, tokenizer, steps: int, batch: int, rng, handle, empty_share: float) -> None:
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    alphas = noise_scheduler.alphas_cumprod
+    scale = vae.config.scaling_factor
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    vae.decoder.train()
+    start, running = time.time(), 0.0
+    for step in range(1, steps + 1):
+        images, captions = scenes_batch(rng, batch, empty_share)
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.mean * scale
+            ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+            timesteps = torch.randint(0, 600, (batch,), generator=generator)
+            noise = torch.randn(latents.shape, generator=generator)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            alpha = alphas[timesteps].view(-1, 1, 1, 1)
+            estimate = (noisy - (1 - alpha).sqrt() * unet(noisy, timesteps, text_encoder(ids)[0]).sample) / alpha.sqrt()
+            clean = torch.rand(batch, generator=generator) < 0.3
+            estimate[clean] = latents[clean]
+        running += optimise(optimizer, reconstruction_loss(vae.decode(estimate / scale).sample, images))
+        if step % 50 == 0:
+            log(f"decoder step {step}/{steps} loss {running / 50:.5f} ({time.time() - start:.0f}s)", handle)
+            running = 0.0
+    vae.eval()
+    vae.requires_grad_(False)
+
+
 def save_pipeline(out: Path, text_encoder, vae, unet, tokenizer) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -189,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--decoder-steps", type=int, default=600)
+    parser.add_argument("--decoder-batch", type=int, default=32)
     parser.add_argument("--empty-share", type=float, default=0.1,
                         help="share of object-free scenes: removal asks the model for exactly those")
     parser.add_argument("--offset-noise", type=float, default=0.0,
@@ -222,8 +269,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.vae_steps:
             train_vae(vae, args.vae_steps, args.vae_batch, rng, handle)
         vae.requires_grad_(False)
-        train_unet(text_encoder, vae, unet, tokenizer, args.unet_steps, args.unet_batch, args.lr, rng, handle,
-                   args.empty_share, args.offset_noise)
+        if args.unet_steps:
+            train_unet(text_encoder, vae, unet, tokenizer, args.unet_steps, args.unet_batch, args.lr, rng, handle,
+                       args.empty_share, args.offset_noise)
+        if args.decoder_steps:
+            train_decoder(text_encoder, vae, unet, tokenizer, args.decoder_steps, args.decoder_batch, rng, handle,
+                          DECODER_EMPTY_SHARE)
         save_pipeline(args.out, text_encoder, vae, unet, tokenizer)
         minutes = (time.time() - start) / 60
         previous = args.resume / "training.json" if args.resume else None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import quality, throughput
+from bench import quality, throughput, train_toy_model
 from bench.toyworld import (
     COLORS,
     SHAPES,
@@ -52,6 +52,7 @@ def test_shipped_model_is_the_demos_and_its_masks_beat_chance():
     assert summary["prompt_fidelity"] >= 0.5, scores
     assert summary["weak_iou"] >= max(0.5, 4 * chance), scores
     assert summary["refined_iou"] >= 0.5, scores
+    assert summary["object_left"] < 0.05, scores  # removal leaves (almost) no object colour
 
 
 def test_throughput_cpu_smoke(tmp_path):
@@ -61,3 +62,22 @@ def test_throughput_cpu_smoke(tmp_path):
     assert all(rate > 0 for rate in result["samples_per_s"].values())
     assert result["capture_bytes_10_steps"] == result["capture_bytes_50_steps"] > 0  # no per-step growth
     assert result["tflop_per_triple"] > 0 and result["c_over_a"] > 0 and result["d_over_a_plus_b"] > 0
+
+
+def test_decoder_stage_changes_only_the_decoder(tmp_path):
+    """The third training stage must leave the latent space (encoder) and the UNet as they were."""
+    import torch
+
+    out = tmp_path / "toy"
+    train_toy_model.main(["--resume", str(REPO / "assets" / "tiny-sd"), "--out", str(out), "--vae-steps", "0",
+                          "--unet-steps", "0", "--decoder-steps", "2", "--decoder-batch", "2"])
+    _, _, vae_before, unet_before = train_toy_model.load_models(REPO / "assets" / "tiny-sd")
+    _, _, vae_after, unet_after = train_toy_model.load_models(out)
+
+    def same(a, b) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    assert same(unet_before, unet_after) and same(vae_before.encoder, vae_after.encoder)
+    assert not same(vae_before.decoder, vae_after.decoder)
+    record = json.loads((out / "training.json").read_text())
+    assert record["arguments"]["decoder_steps"] == "2" and record["resumed_from"]["trained_by"] == "bench/train_toy_model.py"
