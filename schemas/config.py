@@ -159,6 +159,11 @@ class GenerationConfig(Section):
     height: int | None = Field(default=None, ge=8, description="default: the model's native size")
     width: int | None = Field(default=None, ge=8)
     batch_size: int = Field(default=4, ge=1, le=1024)
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the UNet for generation: the first batch pays the compile, "
+        "later batches of the same shape reuse it",
+    )
 
     @field_validator("height", "width")
     @classmethod
@@ -265,7 +270,8 @@ class ExecutionConfig(Section):
     cpu_threads: int = Field(default=2, ge=1, description="threads for the CPU stages beside the model")
 
 
-# How a run is executed does not change what it writes, so these may differ on resume.
+# How a run is executed does not change what it writes, so these (and generation.compile)
+# may differ on resume.
 EXECUTION_ONLY = {
     "executor", "address", "workers", "gpus_per_worker", "cpus_per_worker",
     "max_attempts", "object_store_memory_mb", "cpu_threads",
@@ -297,7 +303,7 @@ class RunConfig(Section):
 
     def config_hash(self) -> str:
         """Hash of everything that shapes the output (not how it is executed)."""
-        content = self.model_dump(mode="json", exclude={"execution": EXECUTION_ONLY})
+        content = self.model_dump(mode="json", exclude={"execution": EXECUTION_ONLY, "generation": {"compile"}})
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

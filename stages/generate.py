@@ -10,6 +10,9 @@ from schemas.config import CaptureConfig, GenerationConfig
 from schemas.records import ConceptSpan
 from stages.capture import install_capture
 
+# Inductor generates kernels; tests swap in "eager" to check tracing without the codegen wait.
+COMPILE_BACKEND = "inductor"
+
 
 def image_size(pipe, config: GenerationConfig) -> tuple[int, int]:
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -46,6 +49,10 @@ class Generate:
         self.pipe = pipe
         self.config = generation
         self.store = install_capture(pipe.unet, capture)
+        if generation.compile:
+            # After the processors are in, so capture is traced into the graph. Removal by latent
+            # blending shares this UNet and gets graphs of its own for the uncaptured path.
+            pipe.unet = torch.compile(pipe.unet, backend=COMPILE_BACKEND)
         self.height, self.width = image_size(pipe, generation)
 
     @torch.inference_mode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from pipeline.tiny_model import build_tiny_pipeline
-from schemas.config import CaptureConfig, GenerationConfig
+from schemas.config import CaptureConfig, GenerationConfig, load_config
 from schemas.records import ConceptSpan
 from stages.generate import Generate, to_uint8, token_slots
 from tests.conftest import TEST_IMAGE_SIZE
@@ -126,3 +127,38 @@ def test_capture_leaves_generation_unchanged(pipe):
     np.testing.assert_array_equal(out["image"], to_uint8(decoded))
     assert out["heatmap"].shape == (2, 1, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
     assert all(out["finite"])
+
+
+def test_compiled_unet_captures_the_same_and_compiles_once(config_dict, write_config, tmp_path, monkeypatch):
+    """generation.compile traces capture into the graph; a second batch reuses it (no recompile)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import stages.generate
+    from pipeline.worker import ShardWorker, as_columns
+
+    monkeypatch.setattr(stages.generate, "COMPILE_BACKEND", "eager")  # inductor's codegen is minutes on CPU
+    config_dict["generation"]["batch_size"] = 2
+    outputs, hashes = {}, set()
+    for compiled in (False, True):
+        config_dict["generation"]["compile"] = compiled
+        config = load_config(write_config(config_dict))
+        hashes.add(config.config_hash())
+        worker = ShardWorker(config, tmp_path / f"scratch-{compiled}")
+        torch._dynamo.reset()
+        counters.clear()
+        graphs = []
+        for start in (0, 2):
+            batch = as_columns([worker.plan.sample(i) for i in range(start, start + 2)])
+            batch = worker.model_stages(batch, defaultdict(float))
+            outputs[compiled, start] = batch
+            graphs.append(counters["stats"]["unique_graphs"])
+        worker.close()
+        if compiled:
+            assert graphs[0] > 0 and graphs[1] == graphs[0], graphs  # compiled in the first batch only
+    assert len(hashes) == 1  # how the UNet runs does not change what a run writes: resume may toggle it
+    for start in (0, 2):
+        plain, compiled = outputs[False, start], outputs[True, start]
+        np.testing.assert_allclose(compiled["heatmap"], plain["heatmap"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(compiled["image"], plain["image"])
+        np.testing.assert_array_equal(compiled["background"], plain["background"])
