@@ -20,6 +20,8 @@ d/(a+b) (time of a plus b per sample over time of d), peak device memory of a vs
 (CUDA), the capture's accumulator bytes after 10 and 50 steps (must not grow), and the
 model-FLOP utilisation of d: FLOPs of a + b per sample counted by
 torch.utils.flop_counter on the same shapes, times d's rate, over --peak-tflops.
+--compile compiles the one UNet all four variants share (generation.compile), so the
+ratios stay like for like; FLOPs are then counted on the uncompiled module.
 """
 
 from __future__ import annotations
@@ -108,7 +110,9 @@ class Bench:
         self.config = RunConfig.model_validate({
             "model": {"path": str(REPO / "assets" / "tiny-sd"), "device": args.device},
             "prompts": PROMPTS,
-            "generation": {"steps": args.steps, "guidance_scale": 7.5, "batch_size": args.batch},
+            # compile (when asked) wraps the UNet that every variant below shares, a and b included
+            "generation": {"steps": args.steps, "guidance_scale": 7.5, "batch_size": args.batch,
+                           "compile": args.compile},
             "removal": {"steps": args.steps, "guidance_scale": 7.5},
             # keep every sample so all variants do the same work
             "filter": {"min_mask_fraction": 0.0, "max_mask_fraction": 1.0, "max_components": 10**6,
@@ -200,9 +204,14 @@ class Bench:
     def flops_per_sample(self) -> float:
         from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as counter:
-            self.run_a()
-            self.run_b()
+        compiled = self.pipe.unet
+        self.pipe.unet = self.inpaint.unet = getattr(compiled, "_orig_mod", compiled)  # count the plain module
+        try:
+            with FlopCounterMode(display=False) as counter:
+                self.run_a()
+                self.run_b()
+        finally:
+            self.pipe.unet = self.inpaint.unet = compiled
         return counter.get_total_flops() / self.batch
 
 
@@ -216,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device's dense fp16/bf16 peak, for MFU")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the shared UNet (generation.compile); the warm-up round compiles")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
