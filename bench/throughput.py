@@ -20,8 +20,8 @@ d/(a+b) (time of a plus b per sample over time of d), peak device memory of a vs
 (CUDA), the capture's accumulator bytes after 10 and 50 steps (must not grow), and the
 model-FLOP utilisation of d: FLOPs of a + b per sample counted by
 torch.utils.flop_counter on the same shapes, times d's rate, over --peak-tflops.
---compile compiles the one UNet all four variants share (generation.compile), so the
-ratios stay like for like; FLOPs are then counted on the uncompiled module.
+--compile and --channels-last apply to the one UNet all four variants share
+(generation.compile, generation.channels_last), so the ratios stay like for like; FLOPs are then counted on the uncompiled module.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class Bench:
             "prompts": PROMPTS,
             # compile (when asked) wraps the UNet that every variant below shares, a and b included
             "generation": {"steps": args.steps, "guidance_scale": 7.5, "batch_size": args.batch,
-                           "compile": args.compile},
+                           "compile": args.compile, "channels_last": args.channels_last},
             "removal": {"steps": args.steps, "guidance_scale": 7.5},
             # keep every sample so all variants do the same work
             "filter": {"min_mask_fraction": 0.0, "max_mask_fraction": 1.0, "max_components": 10**6,
@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the shared UNet (generation.compile); the warm-up round compiles")
+    parser.add_argument("--channels-last", action="store_true", help="UNet in channels-last layout (all variants)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")

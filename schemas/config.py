@@ -164,6 +164,9 @@ class GenerationConfig(Section):
         description="torch.compile the UNet for generation: the first batch pays the compile, "
         "later batches of the same shape reuse it",
     )
+    channels_last: bool = Field(
+        default=False, description="UNet weights in channels-last layout (faster convolutions on recent GPUs)"
+    )
 
     @field_validator("height", "width")
     @classmethod
@@ -270,12 +273,12 @@ class ExecutionConfig(Section):
     cpu_threads: int = Field(default=2, ge=1, description="threads for the CPU stages beside the model")
 
 
-# How a run is executed does not change what it writes, so these (and generation.compile)
-# may differ on resume.
+# How a run is executed does not change what it writes, so these may differ on resume.
 EXECUTION_ONLY = {
     "executor", "address", "workers", "gpus_per_worker", "cpus_per_worker",
     "max_attempts", "object_store_memory_mb", "cpu_threads",
 }
+UNET_RUNTIME_ONLY = {"compile", "channels_last"}
 
 
 class RunConfig(Section):
@@ -303,7 +306,7 @@ class RunConfig(Section):
 
     def config_hash(self) -> str:
         """Hash of everything that shapes the output (not how it is executed)."""
-        content = self.model_dump(mode="json", exclude={"execution": EXECUTION_ONLY, "generation": {"compile"}})
+        content = self.model_dump(mode="json", exclude={"execution": EXECUTION_ONLY, "generation": UNET_RUNTIME_ONLY})
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -49,6 +49,8 @@ class Generate:
         self.pipe = pipe
         self.config = generation
         self.store = install_capture(pipe.unet, capture)
+        if generation.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
         if generation.compile:
             # After the processors are in, so capture is traced into the graph. Removal by latent
             # blending shares this UNet and gets graphs of its own for the uncaptured path.

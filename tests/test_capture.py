@@ -129,8 +129,10 @@ def test_capture_leaves_generation_unchanged(pipe):
     assert all(out["finite"])
 
 
-def test_compiled_unet_captures_the_same_and_compiles_once(config_dict, write_config, tmp_path, monkeypatch):
-    """generation.compile traces capture into the graph; a second batch reuses it (no recompile)."""
+@pytest.mark.parametrize("runtime", ["compile", "channels_last"])
+def test_unet_runtime_options_capture_the_same(runtime, config_dict, write_config, tmp_path, monkeypatch):
+    """compile traces capture into the graph and a second batch reuses it (no recompile);
+    channels-last only changes the weights' layout. Neither changes the maps or the hash."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -140,25 +142,27 @@ def test_compiled_unet_captures_the_same_and_compiles_once(config_dict, write_co
     monkeypatch.setattr(stages.generate, "COMPILE_BACKEND", "eager")  # inductor's codegen is minutes on CPU
     config_dict["generation"]["batch_size"] = 2
     outputs, hashes = {}, set()
-    for compiled in (False, True):
-        config_dict["generation"]["compile"] = compiled
+    for enabled in (False, True):
+        config_dict["generation"][runtime] = enabled
         config = load_config(write_config(config_dict))
         hashes.add(config.config_hash())
-        worker = ShardWorker(config, tmp_path / f"scratch-{compiled}")
+        worker = ShardWorker(config, tmp_path / f"scratch-{enabled}")
+        if runtime == "channels_last":
+            weight = worker.generate.pipe.unet.conv_in.weight
+            assert weight.is_contiguous(memory_format=torch.channels_last) == enabled
         torch._dynamo.reset()
         counters.clear()
         graphs = []
         for start in (0, 2):
             batch = as_columns([worker.plan.sample(i) for i in range(start, start + 2)])
-            batch = worker.model_stages(batch, defaultdict(float))
-            outputs[compiled, start] = batch
+            outputs[enabled, start] = worker.model_stages(batch, defaultdict(float))
             graphs.append(counters["stats"]["unique_graphs"])
         worker.close()
-        if compiled:
+        if enabled and runtime == "compile":
             assert graphs[0] > 0 and graphs[1] == graphs[0], graphs  # compiled in the first batch only
     assert len(hashes) == 1  # how the UNet runs does not change what a run writes: resume may toggle it
     for start in (0, 2):
-        plain, compiled = outputs[False, start], outputs[True, start]
-        np.testing.assert_allclose(compiled["heatmap"], plain["heatmap"], rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(compiled["image"], plain["image"])
-        np.testing.assert_array_equal(compiled["background"], plain["background"])
+        plain, other = outputs[False, start], outputs[True, start]
+        np.testing.assert_allclose(other["heatmap"], plain["heatmap"], rtol=1e-4, atol=1e-5)
+        for field in ("image", "background"):
+            assert np.abs(other[field].astype(int) - plain[field]).max() <= 1, field
