@@ -21,7 +21,8 @@ d/(a+b) (time of a plus b per sample over time of d), peak device memory of a vs
 model-FLOP utilisation of d: FLOPs of a + b per sample counted by
 torch.utils.flop_counter on the same shapes, times d's rate, over --peak-tflops.
 --compile and --channels-last apply to the one UNet all four variants share
-(generation.compile, generation.channels_last), so the ratios stay like for like; FLOPs are then counted on the uncompiled module.
+(generation.compile, generation.channels_last), so the ratios stay like for like; FLOPs
+are then counted on the uncompiled module.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from bench import write_json
-from pipeline.tiny_model import build_tiny_pipeline, build_tokenizer
+from pipeline.tiny_model import build_tiny_pipeline, build_tokenizer, sd_ddim_scheduler
 from pipeline.worker import ShardWorker, as_columns
 from schemas.config import RunConfig
 from stages.models import load_inpainting, load_text_to_image, quiet_libraries
@@ -55,7 +56,6 @@ def build_sd15():
     """SD 1.5's architecture with random weights (the tokenizer's vocabulary is a small word list)."""
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
@@ -78,10 +78,8 @@ def build_sd15():
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   scheduler=sd_ddim_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
 
@@ -110,7 +108,7 @@ class Bench:
         self.config = RunConfig.model_validate({
             "model": {"path": str(REPO / "assets" / "tiny-sd"), "device": args.device},
             "prompts": PROMPTS,
-            # compile (when asked) wraps the UNet that every variant below shares, a and b included
+            # compile / channels_last (when asked) change the UNet every variant below shares, a and b included
             "generation": {"steps": args.steps, "guidance_scale": 7.5, "batch_size": args.batch,
                            "compile": args.compile, "channels_last": args.channels_last},
             "removal": {"steps": args.steps, "guidance_scale": 7.5},

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.toyworld import SIZE, caption_for, render_scene
-from bench.train_toy_model import MAX_TOKENS, load_models, log
+from bench.train_toy_model import caption_ids, load_models, log, noise_schedule
 from stages.masks import cover_cells, dilate
 
 
@@ -69,7 +69,6 @@ def inpainting_unet(base_unet):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     vae.requires_grad_(False)
     unet = inpainting_unet(base_unet)
     del base_unet
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    scheduler = noise_schedule()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
     ema = EMAModel(unet.parameters(), decay=0.9995, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
@@ -107,9 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 latents = vae.encode(target).latent_dist.sample(generator) * scale
                 masked = vae.encode(image * (mask < 0.5)).latent_dist.sample(generator) * scale
-                ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                                return_tensors="pt").input_ids
-                context = text_encoder(ids)[0]
+                context = text_encoder(caption_ids(tokenizer, captions))[0]
             small_mask = F.interpolate(mask, size=latents.shape[-2:])  # nearest, as the pipeline does
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(0, 1000, (args.batch,), generator=generator)

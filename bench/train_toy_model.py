@@ -15,8 +15,9 @@ Stage 3 fine-tunes the VAE decoder alone on the UNet's own x0 estimates (from re
 noised to t < 600, 30% clean latents): the small decoder otherwise turns the UNet's
 near-misses of a plain light scene (latents within ~0.2 of the truth) into dark smears, so
 object-free scenes, which removal asks for, came out wrong. The latent space, and so the
-UNet's task, stays the same. --resume continues from a saved folder; OUT/training.json records the whole chain. Every scene comes from a seeded
-generator, so a run is reproducible up to floating-point non-determinism.
+UNet's task, stays the same. --resume continues from a saved folder; OUT/training.json
+records the whole chain. Every scene comes from a seeded generator, so a run is
+reproducible up to floating-point non-determinism.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.toyworld import SIZE, WORDS, render_scene
-from pipeline.tiny_model import build_tokenizer
+from pipeline.tiny_model import SD_BETAS, build_tokenizer, sd_ddim_scheduler
 
 MAX_TOKENS = 16  # the longest caption is 14 tokens with BOS/EOS
 DECODER_EMPTY_SHARE = 0.4  # the decoder stage leans on the object-free scenes it was failing
@@ -92,6 +93,17 @@ def build_models(tokenizer, seed: int):
     return text_encoder, vae, unet
 
 
+def noise_schedule():
+    """The DDPM schedule every toy model trains on (SD 1.x's; they sample it with DDIM)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SD_BETAS)
+
+
+def caption_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+
+
 def load_models(folder: Path):
     from diffusers import StableDiffusionPipeline
 
@@ -136,10 +148,9 @@ def train_unet(
     text_encoder, vae, unet, tokenizer, steps: int, batch: int, lr: float, rng, handle, empty_share: float,
     offset_noise: float,
 ) -> None:
-    from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    noise_scheduler = noise_schedule()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
@@ -153,7 +164,7 @@ def train_unet(
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample(generator) * vae.config.scaling_factor
-        ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+        ids = caption_ids(tokenizer, captions)
         noise = torch.randn(latents.shape, generator=generator)
         if offset_noise:  # lets the model move a whole image's mean: plain white or black scenes
             noise += offset_noise * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
@@ -178,9 +189,7 @@ def train_unet(
 
 
 def train_decoder(text_encoder, vae, unet, tokenizer, steps: int, batch: int, rng, handle, empty_share: float) -> None:
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    noise_scheduler = noise_schedule()
     alphas = noise_scheduler.alphas_cumprod
     scale = vae.config.scaling_factor
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -194,7 +203,7 @@ def train_decoder(text_encoder, vae, unet, tokenizer, steps: int, batch: int, rn
         images, captions = scenes_batch(rng, batch, empty_share)
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mean * scale
-            ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+            ids = caption_ids(tokenizer, captions)
             timesteps = torch.randint(0, 600, (batch,), generator=generator)
             noise = torch.randn(latents.shape, generator=generator)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -211,14 +220,10 @@ def train_decoder(text_encoder, vae, unet, tokenizer, steps: int, batch: int, rn
 
 
 def save_pipeline(out: Path, text_encoder, vae, unet, tokenizer) -> None:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_ddim_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     # fp16 files keep the shipped model small; loading upcasts to the dtype asked for.
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--empty-share", type=float, default=0.1,
                         help="share of object-free scenes: removal asks the model for exactly those")
     parser.add_argument("--offset-noise", type=float, default=0.0,
-                        help="per-channel noise offset; without it plain bright or dark scenes come out wrong")
+                        help="per-channel noise offset (tried for plain light scenes; the decoder stage is what fixed them)")
     parser.add_argument("--resume", type=Path, default=None,
                         help="continue from a saved pipeline folder (its tokenizer, VAE, text encoder, UNet)")
     parser.add_argument("--seed", type=int, default=0)

@@ -107,6 +107,16 @@ def save_tokenizer_files(folder: Path, words=DEFAULT_WORDS) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
+# Stable Diffusion 1.x's noise schedule: models here train on it and sample it with DDIM.
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+def sd_ddim_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
 def build_tiny_pipeline(
     seed: int = 0,
     image_size: int = 32,
@@ -120,7 +130,6 @@ def build_tiny_pipeline(
     """A randomly initialised StableDiffusionPipeline; every UNet level has cross-attention."""
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
@@ -164,9 +173,7 @@ def build_tiny_pipeline(
         attention_head_dim=heads,
         norm_num_groups=min(32, unet_channels[0]),
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
-    )
+    scheduler = sd_ddim_scheduler()
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
