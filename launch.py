@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -36,9 +37,18 @@ def command_run(args: argparse.Namespace) -> int:
     if summary.failed_shards:
         for shard, error in sorted(summary.failed_shards.items()):
             print(f"  shard {shard:06d} failed: {error}", file=sys.stderr)
-        print(f"re-run to retry them: python launch.py run --config {args.config} --out {args.out}", file=sys.stderr)
+        print(f"re-run to retry them: {retry_command(args)}", file=sys.stderr)
         return 1
     return 0
+
+
+def retry_command(args: argparse.Namespace) -> str:
+    """The same command, with the execution flags it was given."""
+    words = ["python", "launch.py", "run", "--config", str(args.config), "--out", str(args.out)]
+    for flag in ("executor", "address", "workers"):
+        if getattr(args, flag):
+            words += [f"--{flag}", str(getattr(args, flag))]
+    return shlex.join(words)
 
 
 def command_inspect(args: argparse.Namespace) -> int:
@@ -46,7 +56,7 @@ def command_inspect(args: argparse.Namespace) -> int:
 
     rundir = RunDir(args.dir)
     manifest = rundir.manifest()
-    summary = rundir.summarise()
+    summary = rundir.summarise(verify=args.verify)
     report = {
         "dir": str(args.dir),
         "config_hash": manifest.config_hash,
@@ -57,6 +67,8 @@ def command_inspect(args: argparse.Namespace) -> int:
         "dropped_by_reason": summary.dropped_by_reason,
         "shards_complete": summary.complete_shards,
         "shards_pending": summary.pending_shards,
+        "shards_damaged": summary.damaged_shards,
+        "verified": args.verify,
         "whole": summary.whole,
     }
     if args.json:
@@ -69,6 +81,10 @@ def command_inspect(args: argparse.Namespace) -> int:
     for reason, count in summary.dropped_by_reason.items():
         print(f"    {reason}: {count}")
     print(f"  classes: {', '.join(f'{k}={v}' for k, v in manifest.classes.items())}")
+    for shard, reason in sorted(summary.damaged_shards.items()):
+        print(f"  shard {shard:06d} damaged: {reason} (the next run redoes it)")
+    if args.verify:
+        print(f"  verified: every whole shard's tar read through, digests {'match' if not summary.damaged_shards else 'checked'}")
     return 0
 
 
@@ -102,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="summarise a run directory")
     inspect.add_argument("dir", type=Path)
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument("--verify", action="store_true", help="read every tar through and check its digest")
     inspect.set_defaults(handler=command_inspect)
     preview = commands.add_parser("preview", help="contact sheet of random samples of a run")
     preview.add_argument("dir", type=Path)
@@ -127,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except _user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
+        return USER_ERROR
+    except OSError as error:  # a path the user gave that cannot be read or written
+        where = f": {error.filename}" if error.filename else ""
+        print(f"error: {error.strerror or error}{where}", file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: whole shards are kept; re-run the same command to resume", file=sys.stderr)

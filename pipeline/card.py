@@ -22,6 +22,13 @@ def _distribution(values: list[float]) -> str:
     return f"{median:.3f} (5%: {low:.3f}, 95%: {high:.3f})"
 
 
+def shard_pattern(summary: RunSummary, whole: list[int]) -> str:
+    """The brace pattern when every shard is whole; a partial run lists the shards it has."""
+    if summary.whole:
+        return f'"shards/{{000000..{max(summary.planned_shards - 1, 0):06d}}}.tar"'
+    return json.dumps([f"shards/{s:06d}.tar" for s in sorted(whole)])
+
+
 def write_card(run_dir: Path | str, summary: RunSummary) -> Path:
     rundir = RunDir(run_dir)
     manifest = rundir.manifest()
@@ -80,7 +87,7 @@ def write_card(run_dir: Path | str, summary: RunSummary) -> Path:
         "",
         "```python",
         "import webdataset as wds",
-        f'ds = wds.WebDataset("shards/{{000000..{max(summary.planned_shards - 1, 0):06d}}}.tar").decode("rgb8")',
+        f"ds = wds.WebDataset({shard_pattern(summary, [s.shard for s in stats])}).decode(\"rgb8\")",
         "```",
         "",
         f"Fields: {json.dumps(manifest.fields)}",

@@ -68,6 +68,8 @@ def export(run_dir: Path | str, out: Path | str, fmt: str) -> int:
     rundir = RunDir(run_dir)
     manifest = rundir.manifest()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out}: is a file; --out takes a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out}: exists and is not empty; choose an empty or new folder")
     image_field, background_field = manifest.fields["image"], manifest.fields["background"]

@@ -60,7 +60,9 @@ class Plan:
         return [self.sample(i) for i in shard_range(self.config, shard)]
 
     def preflight(self) -> None:
-        """Plan the first samples so a prompt the model cannot take fails before any work."""
+        """Every template, concept and worst-case filling, then the first samples as they will
+        be drawn: a prompt the model cannot take fails before anything is written."""
+        self.builder.check_all()
         for index in range(min(PREFLIGHT_SAMPLES, self.config.output.samples)):
             self.sample(index)
 

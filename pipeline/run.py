@@ -9,11 +9,12 @@ from tqdm import tqdm
 
 from pipeline.card import write_card
 from pipeline.executors import EXECUTORS
+from pipeline.lock import LockHeld, RunLock
 from pipeline.plan import Plan, shard_range
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, RunDirError
 from schemas.config import RunConfig
 from schemas.records import RunSummary
-from stages.models import load_tokenizer
+from stages.models import load_tokenizer, model_fingerprint
 
 
 class Progress:
@@ -35,23 +36,46 @@ class Progress:
         self.bar.set_postfix(retried=self.retried, failed=len(self.failed), refresh=False)
         self.bar.write(f"shard {shard:06d} {'failed' if final else 'will be retried'}: {error}", file=sys.stderr)
 
+    def note(self, text: str) -> None:
+        self.bar.write(text, file=sys.stderr)
+
     def close(self) -> None:
         self.bar.close()
 
 
 def run(config: RunConfig, out: Path | str, show_progress: bool = True) -> RunSummary:
-    rundir = RunDir(out)
-    rundir.prepare(config)
-    rundir.clean_strays()
-    pending = rundir.pending(config.num_shards)
+    """Everything that can be refused is checked before the directory is touched; then the
+    directory is locked for this run alone, whole shards are kept, the rest are made."""
+    rundir = RunDir(Path(out).expanduser().resolve())  # cluster workers do not share our cwd
+    Plan(config, load_tokenizer(config.model)).preflight()
+    digest = config.config_hash(model_fingerprint(config.model))
+    rundir.check_config(digest)
+    rundir.create()
+    lock = RunLock(rundir.root, config.execution.lock_stale_s)
+    try:
+        holder = lock.acquire()
+    except LockHeld as error:
+        raise RunDirError(str(error)) from None
+    try:
+        return _run_locked(config, rundir, digest, holder.token, show_progress)
+    finally:
+        lock.release()
+
+
+def _run_locked(config: RunConfig, rundir: RunDir, digest: str, token: str, show_progress: bool) -> RunSummary:
+    rundir.prepare(config, digest)
+    scan = rundir.scan()
+    for shard, reason in sorted(scan.damaged.items()):
+        print(f"shard {shard:06d} is damaged ({reason}): it is redone", file=sys.stderr)
+    rundir.clean_strays(scan)
+    pending = rundir.pending(scan)
     failed: dict[int, str] = {}
     try:
         if pending:
-            Plan(config, load_tokenizer(config.model)).preflight()
             total = sum(len(shard_range(config, s)) for s in pending)
             progress = Progress(total, show_progress)
             try:
-                failed = EXECUTORS[config.execution.executor](config, rundir.root, pending, progress)
+                failed = EXECUTORS[config.execution.executor](config, rundir.root, pending, progress, token)
             finally:
                 progress.close()
     finally:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import tarfile
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import __version__
@@ -18,11 +22,23 @@ from schemas.records import (
     ShardStats,
     background_field,
 )
-from stages.write import TEMP_PREFIX, atomic_write_bytes
+from stages.write import TEMP_PREFIX, atomic_write_bytes, file_sha256
+
+SHARD_FILE = re.compile(r"^(\d{6})\.(tar|json)$")
 
 
 class RunDirError(RuntimeError):
     """The directory cannot take this run; the message says why and what to do."""
+
+
+class DamagedShard(ValueError):
+    """A shard on disk that is not whole; the message says what is wrong."""
+
+
+@dataclass
+class ShardScan:
+    complete: dict[int, ShardStats] = field(default_factory=dict)
+    damaged: dict[int, str] = field(default_factory=dict)
 
 
 def shard_name(shard: int) -> str:
@@ -48,11 +64,13 @@ class RunDir:
     def manifest(self) -> RunManifest:
         if not self.exists():
             raise RunDirError(f"{self.root}: not a maskmint run directory (no run.json)")
-        return RunManifest.model_validate_json(self.manifest_path.read_text())
+        try:
+            return RunManifest.model_validate_json(self.manifest_path.read_bytes())
+        except (ValueError, OSError) as error:
+            raise RunDirError(f"{self.manifest_path}: unreadable ({type(error).__name__}); it is not a run maskmint can resume") from None
 
-    def prepare(self, config: RunConfig) -> RunManifest:
-        """Freeze the config on first use; refuse a different config later."""
-        digest = config.config_hash()
+    def check_config(self, digest: str) -> None:
+        """Refuse a config other than the one the directory was started with."""
         if self.exists():
             manifest = self.manifest()
             if manifest.config_hash != digest:
@@ -60,7 +78,18 @@ class RunDir:
                     f"{self.root} was started with a different config (hash {manifest.config_hash}, "
                     f"this one {digest}); resume with the original config or choose another --out"
                 )
-            return manifest
+
+    def create(self) -> None:
+        try:
+            self.shards.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunDirError(f"{self.root}: cannot create the run directory ({error.strerror})") from None
+
+    def prepare(self, config: RunConfig, digest: str) -> RunManifest:
+        """Freeze the config on first use; refuse a different config later."""
+        self.check_config(digest)
+        if self.exists():
+            return self.manifest()
         fmt = config.output.image_format
         manifest = RunManifest(
             maskmint_version=__version__,
@@ -77,39 +106,84 @@ class RunDir:
             },
             config=config.to_json_dict(),
         )
-        try:
-            self.shards.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise RunDirError(f"{self.root}: cannot create the run directory ({error.strerror})") from None
+        self.create()
         atomic_write_bytes(self.manifest_path, manifest.model_dump_json(indent=2).encode())
         return manifest
 
-    def complete_shards(self) -> set[int]:
-        """A shard is whole when its stats json exists (written after its tar)."""
-        done = set()
-        for stats in self.shards.glob("[0-9]*.json"):
-            if stats.with_suffix(".tar").is_file():
-                done.add(int(stats.stem))
-        return done
+    def scan(self, verify: bool = False) -> ShardScan:
+        """Which planned shards are whole on disk, and which are there but damaged (redone on
+        resume). Whole: the stats json parses, names its shard, and the tar has the recorded
+        size and exactly the members the json lists. `verify` also reads every tar through
+        and checks its digest."""
+        manifest = self.manifest()
+        fields = list(manifest.fields.values())
+        found: dict[int, set[str]] = defaultdict(set)
+        for entry in os.scandir(self.shards) if self.shards.is_dir() else ():
+            match = SHARD_FILE.match(entry.name)
+            if match and int(match[1]) < manifest.planned_shards:
+                found[int(match[1])].add(match[2])
+        scan = ShardScan()
+        for shard in sorted(found):
+            if found[shard] == {"tar"}:
+                continue  # its stats never landed: pending
+            try:
+                scan.complete[shard] = self._check(shard, found[shard], fields, verify)
+            except DamagedShard as error:
+                scan.damaged[shard] = str(error)
+        return scan
 
-    def clean_strays(self) -> list[Path]:
-        """Temp files of killed writers, and tars whose stats never landed: they are redone."""
+    def _check(self, shard: int, present: set[str], fields: list[str], verify: bool) -> ShardStats:
+        try:
+            stats = ShardStats.model_validate_json(self.stats_path(shard).read_bytes())
+        except (ValueError, OSError) as error:
+            raise DamagedShard(f"stats json unreadable ({type(error).__name__})") from None
+        if stats.shard != shard:
+            raise DamagedShard(f"stats json names shard {stats.shard}")
+        if "tar" not in present:
+            raise DamagedShard("tar missing")
+        tar_path = self.tar_path(shard)
+        if stats.tar_bytes is not None and tar_path.stat().st_size != stats.tar_bytes:
+            raise DamagedShard(f"tar is {tar_path.stat().st_size} bytes, its stats say {stats.tar_bytes}")
+        expected = {f"{key}.{field}" for key in stats.written for field in fields}
+        try:
+            with tarfile.open(tar_path) as tar:
+                members = tar.getmembers()
+                if verify:
+                    for member in members:
+                        tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise DamagedShard(f"tar unreadable ({error})") from None
+        names = [m.name for m in members]
+        if len(names) != len(set(names)) or set(names) != expected:
+            raise DamagedShard(f"tar members ({len(names)}) disagree with its stats json ({len(expected)} expected)")
+        if verify and stats.tar_sha256 is not None and file_sha256(tar_path) != stats.tar_sha256:
+            raise DamagedShard("tar digest differs from its stats json")
+        return stats
+
+    def complete_shards(self) -> set[int]:
+        return set(self.scan().complete)
+
+    def clean_strays(self, scan: ShardScan) -> list[Path]:
+        """Temp files of killed writers, tars whose stats never landed, and damaged shards:
+        all are redone."""
         stray = list(self.shards.glob(f"{TEMP_PREFIX}*.tmp-*"))
-        stray += [t for t in self.shards.glob("[0-9]*.tar") if not t.with_suffix(".json").is_file()]
+        stray += [t for t in self.shards.glob("[0-9]*.tar") if SHARD_FILE.match(t.name) and not t.with_suffix(".json").is_file()]
+        for shard in scan.damaged:
+            stray += [self.tar_path(shard), self.stats_path(shard)]
         for path in stray:
             path.unlink(missing_ok=True)
         return stray
 
-    def pending(self, num_shards: int) -> list[int]:
-        done = self.complete_shards()
-        return [s for s in range(num_shards) if s not in done]
+    def pending(self, scan: ShardScan) -> list[int]:
+        return [s for s in range(self.manifest().planned_shards) if s not in scan.complete]
 
     def shard_stats(self) -> list[ShardStats]:
-        return [ShardStats.model_validate_json(self.stats_path(s).read_text()) for s in sorted(self.complete_shards())]
+        return list(self.scan().complete.values())
 
-    def summarise(self, failed: dict[int, str] | None = None) -> RunSummary:
+    def summarise(self, failed: dict[int, str] | None = None, verify: bool = False) -> RunSummary:
         manifest = self.manifest()
-        stats = self.shard_stats()
+        scan = self.scan(verify)
+        stats = list(scan.complete.values())
         reasons = Counter(reason for s in stats for reason in s.dropped.values())
         seconds: dict[str, float] = defaultdict(float)
         for s in stats:
@@ -123,6 +197,7 @@ class RunDir:
             complete_shards=len(done),
             pending_shards=pending,
             failed_shards=failed or {},
+            damaged_shards=scan.damaged,
             written=sum(len(s.written) for s in stats),
             dropped=sum(len(s.dropped) for s in stats),
             dropped_by_reason=dict(sorted(reasons.items())),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.lock import Fence
 from pipeline.plan import Plan
 from pipeline.rundir import RunDir
 from schemas.config import RunConfig
@@ -64,10 +65,13 @@ def injected_fault(shard: int, root: Path) -> None:
 
 
 class ShardWorker:
-    def __init__(self, config: RunConfig, root: Path | str, pipe=None):
-        """`pipe` (a loaded StableDiffusionPipeline) skips loading config.model: for benchmarks."""
+    def __init__(self, config: RunConfig, root: Path | str, pipe=None, run_token: str | None = None):
+        """`pipe` (a loaded StableDiffusionPipeline) skips loading config.model: for benchmarks.
+        `run_token` is the run lock this worker writes under; it publishes nothing once the
+        directory belongs to another run."""
         self.config = config
         self.rundir = RunDir(root)
+        self.fence = Fence(root, run_token)
         if pipe is None:
             device = pick_device(config.model.device)
             pipe = load_text_to_image(config.model, device, pick_dtype(config.model.dtype, device))
@@ -83,6 +87,8 @@ class ShardWorker:
             mode="json", include={"generation", "capture", "mask", "removal", "refine", "filter"}
         )
         self.identity = {"host": socket.gethostname(), "pid": str(os.getpid()), "device": str(device)}
+        if run_token is not None:
+            self.identity["run"] = run_token
 
     def run_shard(self, shard: int) -> Iterator[int | ShardStats]:
         """Yields the size of each mini-batch as it leaves the model, then the shard's stats."""
@@ -117,8 +123,8 @@ class ShardWorker:
         )
         with timed(seconds, "write"):
             stats.seconds = {k: round(v, 4) for k, v in seconds.items()}
-            write_shard(
-                self.rundir.tar_path(shard), self.rundir.stats_path(shard), encoded, stats.model_dump_json(indent=1)
+            stats = write_shard(
+                self.rundir.tar_path(shard), self.rundir.stats_path(shard), encoded, stats, self.fence.check
             )
         yield stats
 

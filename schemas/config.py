@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Defaults go through the same validators as user values: a default is a value too.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -100,14 +101,19 @@ def _fields_of(text: str) -> set[str]:
 
 class PromptsConfig(Section):
     concepts: list[ConceptConfig] = Field(min_length=1)
-    templates: list[Template | str] = Field(default_factory=lambda: ["a photo of a {concept}"])
+    templates: list[Template] = Field(
+        default_factory=lambda: ["a photo of a {concept}"],
+        description="a plain string is the prompt; a mapping may also give its background prompt",
+    )
     fillers: dict[str, list[str]] = Field(default_factory=dict)
     negative_prompt: str = ""
 
-    @field_validator("templates")
+    @field_validator("templates", mode="before")
     @classmethod
-    def _as_templates(cls, value: list[Template | str]) -> list[Template | str]:
-        return [Template(prompt=t) if isinstance(t, str) else t for t in value]
+    def _as_templates(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"prompt": t} if isinstance(t, str) else t for t in value]
+        return value
 
     @model_validator(mode="after")
     def _check_templates(self) -> PromptsConfig:
@@ -271,14 +277,29 @@ class ExecutionConfig(Section):
     )
     seed: int = Field(default=0, ge=0)
     cpu_threads: int = Field(default=2, ge=1, description="threads for the CPU stages beside the model")
+    worker_start_timeout_s: float = Field(
+        default=900.0, gt=0.0,
+        description="a Ray worker not ready (models loaded) this long after its start or restart is given up",
+    )
+    shard_timeout_s: float | None = Field(
+        default=None, gt=0.0, description="a shard running longer has its worker restarted and counts as failed"
+    )
+    lock_stale_s: float = Field(
+        default=120.0, gt=0.0,
+        description="a run lock held from another host whose heartbeat is older than this is taken over",
+    )
 
 
 # How a run is executed does not change what it writes, so these may differ on resume.
 EXECUTION_ONLY = {
     "executor", "address", "workers", "gpus_per_worker", "cpus_per_worker",
     "max_attempts", "object_store_memory_mb", "cpu_threads",
+    "worker_start_timeout_s", "shard_timeout_s", "lock_stale_s",
 }
 UNET_RUNTIME_ONLY = {"compile", "channels_last"}
+# Where the weights sit is not what they are: a run moved to another mount or checkout is
+# the same run. The weights' identity enters the hash as a fingerprint instead.
+MODEL_LOCATIONS = {"path", "inpaint_path", "single_file_config"}
 
 
 class RunConfig(Section):
@@ -304,9 +325,14 @@ class RunConfig(Section):
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def config_hash(self) -> str:
-        """Hash of everything that shapes the output (not how it is executed)."""
-        content = self.model_dump(mode="json", exclude={"execution": EXECUTION_ONLY, "generation": UNET_RUNTIME_ONLY})
+    def config_hash(self, model_fingerprint: str = "") -> str:
+        """Hash of everything that shapes the output: not how it is executed, not the run's
+        name, not where the weights are (`model_fingerprint` says what they are)."""
+        content = self.model_dump(
+            mode="json",
+            exclude={"name": True, "model": MODEL_LOCATIONS, "execution": EXECUTION_ONLY, "generation": UNET_RUNTIME_ONLY},
+        )
+        content["model_fingerprint"] = model_fingerprint
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -70,6 +70,8 @@ class ShardStats(Record):
     seconds: dict[str, float] = Field(description="wall time per stage")
     mask: dict[str, float] = Field(description="mean mask statistics over written samples")
     worker: dict[str, str] = Field(default_factory=dict)
+    tar_bytes: int | None = Field(default=None, description="size of the shard's tar, checked on resume")
+    tar_sha256: str | None = Field(default=None, description="digest of the shard's tar, checked by --verify")
 
 
 class RunManifest(Record):
@@ -93,6 +95,9 @@ class RunSummary(Record):
     complete_shards: int
     pending_shards: list[int]
     failed_shards: dict[int, str] = Field(default_factory=dict)
+    damaged_shards: dict[int, str] = Field(
+        default_factory=dict, description="shards on disk that are not whole (redone by the next run)"
+    )
     written: int
     dropped: int
     dropped_by_reason: dict[str, int]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -41,6 +42,45 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def _is_single_file(location: str) -> bool:
     return Path(location).is_file()
+
+
+FINGERPRINT_EDGE_BYTES = 1 << 16
+SMALL_FILE_BYTES = 1 << 20
+
+
+def _file_fingerprint(path: Path, digest) -> None:
+    # Configs and tokenizer files whole; weights by size and their first and last 64 KiB
+    # (the safetensors header, the last tensors): cheap on a network mount, and it changes
+    # when the weights are replaced or retrained.
+    size = path.stat().st_size
+    digest.update(f"{size}:".encode())
+    with open(path, "rb") as handle:
+        if size <= SMALL_FILE_BYTES:
+            digest.update(handle.read())
+            return
+        digest.update(handle.read(FINGERPRINT_EDGE_BYTES))
+        handle.seek(size - FINGERPRINT_EDGE_BYTES)
+        digest.update(handle.read())
+
+
+def model_fingerprint(config: ModelConfig) -> str:
+    """What the configured weights are, independent of where they sit (hub ids stand for themselves)."""
+    digest = hashlib.sha256()
+    for role in ("path", "inpaint_path", "single_file_config"):
+        location = getattr(config, role)
+        digest.update(f"|{role}=".encode())
+        if location is None:
+            continue
+        path = Path(location)
+        if path.is_file():
+            _file_fingerprint(path, digest)
+        elif path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                digest.update(f"{file.relative_to(path).as_posix()}:".encode())
+                _file_fingerprint(file, digest)
+        else:
+            digest.update(f"hub:{location}".encode())
+    return digest.hexdigest()[:16]
 
 
 def load_text_to_image(config: ModelConfig, device: torch.device, dtype: torch.dtype):

@@ -42,18 +42,40 @@ class PromptBuilder:
         self.tokenize = tokenize
         self.max_length = max_length
 
-    def _choices(self, concept: ConceptConfig) -> list[tuple[str, str | None]]:
-        own = [(t, None) for t in concept.templates]
-        return own + [(t.prompt, t.background) for t in self.config.templates]
+    def _choices(self, concept_index: int) -> list[tuple[str, str | None, str]]:
+        """(prompt template, background template, where it is configured)."""
+        concept = self.config.concepts[concept_index]
+        own = [(t, None, f"prompts.concepts.{concept_index}.templates.{i}") for i, t in enumerate(concept.templates)]
+        return own + [(t.prompt, t.background, f"prompts.templates.{i}") for i, t in enumerate(self.config.templates)]
 
     def __call__(self, index: int, rng: np.random.Generator) -> tuple[str, str, str, list[ConceptSpan]]:
-        concepts = self.config.concepts
-        concept = concepts[index % len(concepts)]
-        choices = self._choices(concept)
-        template, background = choices[int(rng.integers(len(choices)))]
+        concept_index = index % len(self.config.concepts)
+        concept = self.config.concepts[concept_index]
+        choices = self._choices(concept_index)
+        template, background, _ = choices[int(rng.integers(len(choices)))]
         fills = {name: options[int(rng.integers(len(options)))] for name, options in sorted(self.config.fillers.items())}
         word = concept.words[int(rng.integers(len(concept.words)))]
+        return self._render(concept, template, background, fills, word)
 
+    def check_all(self) -> None:
+        """Every template with every concept word and the longest filler options (most tokens,
+        so the concept sits as late as it ever will): a prompt the model cannot take is found
+        before any work, whatever the run's size."""
+        longest = {
+            name: max(options, key=lambda option: len(self.tokenize(option)))
+            for name, options in self.config.fillers.items()
+        }
+        for concept_index, concept in enumerate(self.config.concepts):
+            for template, background, where in self._choices(concept_index):
+                for word in concept.words:
+                    try:
+                        self._render(concept, template, background, longest, word)
+                    except PromptError as error:
+                        raise PromptError(f"{where}: {error}") from None
+
+    def _render(
+        self, concept: ConceptConfig, template: str, background: str | None, fills: dict[str, str], word: str
+    ) -> tuple[str, str, str, list[ConceptSpan]]:
         marker = "\x00"
         prompt = template.format(**fills, **{CONCEPT_FIELD: marker})
         if marker in prompt:

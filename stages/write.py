@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import webdataset as wds
 
-from schemas.records import HEATMAP_FIELD, MASK_FIELD, METADATA_FIELD, SampleMetadata, background_field
+from schemas.records import HEATMAP_FIELD, MASK_FIELD, METADATA_FIELD, SampleMetadata, ShardStats, background_field
 
 TEMP_PREFIX = "."  # temp files are hidden, so `*.tar` globs never see a half-written shard
 
@@ -53,31 +57,80 @@ def encode_sample(
 
 
 def temp_path(path: Path) -> Path:
-    return path.with_name(f"{TEMP_PREFIX}{path.name}.tmp-{os.getpid()}")
+    # Host, pid and a random part: pids repeat across the hosts of a shared filesystem.
+    return path.with_name(f"{TEMP_PREFIX}{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or create in `folder` durable."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename itself still happened
+    finally:
+        os.close(handle)
+
+
+def _write_temp(path: Path, write) -> Path:
+    """Write through `write(handle)` to a temp name beside `path`, fsynced; removed on failure."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = temp_path(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    tmp = _write_temp(path, lambda handle: handle.write(data))
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
-def write_shard(tar_path: Path, stats_path: Path, samples: list[dict], stats_json: str) -> None:
-    """The tar is renamed into place first and the stats json last: a shard counts as whole
-    only when both exist, so a crash in between leaves a shard that is simply redone."""
-    tmp = temp_path(tar_path)
-    with open(tmp, "wb") as handle:
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(
+    tar_path: Path,
+    stats_path: Path,
+    samples: list[dict],
+    stats: ShardStats,
+    before_publish: Callable[[], None] = lambda: None,
+) -> ShardStats:
+    """Both files are written under temp names first; `before_publish` may still refuse
+    (a fenced writer). Then the tar is renamed into place and the stats json last: a shard
+    counts as whole only when both exist and agree, so a crash in between leaves a shard
+    that is simply redone. The stats record the tar's size and digest for that check."""
+
+    def write_tar(handle) -> None:
         with wds.TarWriter(handle) as writer:
             for sample in samples:
                 writer.write(sample)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, tar_path)
-    atomic_write_bytes(stats_path, stats_json.encode())
 
-
-def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    tar_tmp = _write_temp(tar_path, write_tar)
+    stats_tmp = None
+    try:
+        stats = stats.model_copy(update={"tar_bytes": tar_tmp.stat().st_size, "tar_sha256": file_sha256(tar_tmp)})
+        stats_tmp = _write_temp(stats_path, lambda handle: handle.write(stats.model_dump_json(indent=1).encode()))
+        before_publish()
+        os.replace(tar_tmp, tar_path)
+        os.replace(stats_tmp, stats_path)
+    finally:
+        for tmp in (tar_tmp, stats_tmp):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+    fsync_dir(tar_path.parent)
+    return stats
