@@ -1,4 +1,4 @@
-"""maskmint command line: run, inspect, preview, export."""
+"""maskmint command line: plan, run, inspect, preview, export."""
 
 from __future__ import annotations
 
@@ -49,6 +49,29 @@ def retry_command(args: argparse.Namespace) -> str:
         if getattr(args, flag):
             words += [f"--{flag}", str(getattr(args, flag))]
     return shlex.join(words)
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    from pipeline.plan import Plan, plan_report
+    from schemas.config import load_config
+    from stages.models import load_tokenizer
+
+    config = load_config(args.config)
+    plan = Plan(config, load_tokenizer(config.model))
+    plan.preflight()
+    report = plan_report(config, plan, args.examples)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.config}: {report['samples']} samples in {report['shards']} shards of {report['shard_size']}")
+    print("  classes: " + ", ".join(f"{name} {count}" for name, count in report["classes"].items()))
+    print(f"  prompt tokens: at most {report['max_prompt_tokens']} of {report['token_limit']} "
+          f"(first {report['prompts_checked']} prompts)")
+    for prompt in report["truncated_prompts"][:5]:
+        print(f"  warning: truncated past {report['token_limit']} tokens: {prompt}")
+    for example in report["examples"]:
+        print(f"  {example['key']}: {example['prompt']!r} -> background {example['background_prompt']!r}")
+    return 0
 
 
 def command_inspect(args: argparse.Namespace) -> int:
@@ -115,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="join this Ray cluster ('auto' finds a local `ray start` head)")
     run.add_argument("--workers", type=int, help="override execution.workers")
     run.set_defaults(handler=command_run)
+    plan = commands.add_parser("plan", help="check a config and show what it will make, without loading weights")
+    plan.add_argument("--config", required=True, type=Path, help="run config YAML")
+    plan.add_argument("--examples", type=int, default=5, help="example prompts to show (default 5)")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(handler=command_plan)
     inspect = commands.add_parser("inspect", help="summarise a run directory")
     inspect.add_argument("dir", type=Path)
     inspect.add_argument("--json", action="store_true", help="machine-readable output")

@@ -37,6 +37,8 @@ class Plan:
         def tokenize(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False).input_ids
 
+        self.tokenize = tokenize
+        self.max_length = tokenizer.model_max_length
         self.builder = PromptBuilder(config.prompts, tokenize, tokenizer.model_max_length)
 
     def sample(self, index: int) -> PlannedSample:
@@ -65,6 +67,29 @@ class Plan:
         self.builder.check_all()
         for index in range(min(PREFLIGHT_SAMPLES, self.config.output.samples)):
             self.sample(index)
+
+
+def plan_report(config: RunConfig, plan: Plan, examples: int = 5) -> dict:
+    """What a run of this config will make, before any weights are loaded."""
+    looked_at = min(PREFLIGHT_SAMPLES, config.output.samples)
+    samples = [plan.sample(i) for i in range(looked_at)]
+    room = plan.max_length - 2  # BOS and EOS
+    tokens = [len(plan.tokenize(s.prompt)) for s in samples]
+    names = config.class_names()
+    return {
+        "samples": config.output.samples,
+        "shards": config.num_shards,
+        "shard_size": config.output.shard_size,
+        "classes": {names[k]: n for k, n in plan.builder.concept_counts(config.output.samples).items()},
+        "token_limit": room,
+        "max_prompt_tokens": max(tokens),
+        "truncated_prompts": [s.prompt for s, n in zip(samples, tokens) if n > room],
+        "prompts_checked": looked_at,
+        "examples": [
+            {"key": s.key, "prompt": s.prompt, "background_prompt": s.background_prompt, "tokens": n}
+            for s, n in zip(samples[:examples], tokens)
+        ],
+    }
 
 
 def planned_keys(config: RunConfig) -> list[str]:

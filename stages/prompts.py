@@ -48,8 +48,13 @@ class PromptBuilder:
         own = [(t, None, f"prompts.concepts.{concept_index}.templates.{i}") for i, t in enumerate(concept.templates)]
         return own + [(t.prompt, t.background, f"prompts.templates.{i}") for i, t in enumerate(self.config.templates)]
 
+    def concept_counts(self, samples: int) -> dict[int, int]:
+        """class id -> samples of that class in a run of `samples` (concepts take turns)."""
+        concepts = self.config.concepts
+        return {c.class_id: samples // len(concepts) + (i < samples % len(concepts)) for i, c in enumerate(concepts)}
+
     def __call__(self, index: int, rng: np.random.Generator) -> tuple[str, str, str, list[ConceptSpan]]:
-        concept_index = index % len(self.config.concepts)
+        concept_index = index % len(self.config.concepts)  # turns: see concept_counts
         concept = self.config.concepts[concept_index]
         choices = self._choices(concept_index)
         template, background, _ = choices[int(rng.integers(len(choices)))]
