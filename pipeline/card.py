@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.preview import write_preview
 from pipeline.rundir import RunDir
-from schemas.records import RunSummary
+from schemas.records import RunSummary, ShardStats
 from stages.write import atomic_write_bytes
 
 PREVIEW_NAME = "preview.png"
@@ -29,11 +29,10 @@ def shard_pattern(summary: RunSummary, whole: list[int]) -> str:
     return json.dumps([f"shards/{s:06d}.tar" for s in sorted(whole)])
 
 
-def write_card(run_dir: Path | str, summary: RunSummary) -> Path:
+def write_card(run_dir: Path | str, summary: RunSummary, stats: list[ShardStats]) -> Path:
     rundir = RunDir(run_dir)
     manifest = rundir.manifest()
     config = manifest.config
-    stats = rundir.shard_stats()
     lines = [
         f"# {config.get('name', 'maskmint run')}",
         "",

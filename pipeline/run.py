@@ -13,7 +13,7 @@ from pipeline.lock import LockHeld, RunLock
 from pipeline.plan import Plan, shard_range
 from pipeline.rundir import RunDir, RunDirError
 from schemas.config import RunConfig
-from schemas.records import RunSummary
+from schemas.records import RunSummary, ShardStats
 from stages.models import load_tokenizer, model_fingerprint
 
 
@@ -79,14 +79,15 @@ def _run_locked(config: RunConfig, rundir: RunDir, digest: str, token: str, show
             finally:
                 progress.close()
     finally:
-        summary = rundir.write_summary(failed)
-        write_card_safely(rundir.root, summary)
+        scan = rundir.scan()
+        summary = rundir.write_summary(failed, scan)
+        write_card_safely(rundir.root, summary, list(scan.complete.values()))
     return summary
 
 
-def write_card_safely(root: Path, summary: RunSummary) -> None:
+def write_card_safely(root: Path, summary: RunSummary, stats: list[ShardStats]) -> None:
     """The dataset card is a courtesy: failing to write it must not fail the run."""
     try:
-        write_card(root, summary)
+        write_card(root, summary, stats)
     except Exception as error:  # noqa: BLE001
         print(f"warning: could not write the dataset card {root / 'README.md'}: {error}", file=sys.stderr)

@@ -180,9 +180,11 @@ class RunDir:
     def shard_stats(self) -> list[ShardStats]:
         return list(self.scan().complete.values())
 
-    def summarise(self, failed: dict[int, str] | None = None, verify: bool = False) -> RunSummary:
+    def summarise(
+        self, failed: dict[int, str] | None = None, verify: bool = False, scan: ShardScan | None = None
+    ) -> RunSummary:
         manifest = self.manifest()
-        scan = self.scan(verify)
+        scan = scan or self.scan(verify)
         stats = list(scan.complete.values())
         reasons = Counter(reason for s in stats for reason in s.dropped.values())
         seconds: dict[str, float] = defaultdict(float)
@@ -205,7 +207,7 @@ class RunDir:
             whole=not pending,
         )
 
-    def write_summary(self, failed: dict[int, str] | None = None) -> RunSummary:
-        summary = self.summarise(failed)
+    def write_summary(self, failed: dict[int, str] | None, scan: ShardScan) -> RunSummary:
+        summary = self.summarise(failed, scan=scan)
         atomic_write_bytes(self.summary_path, json.dumps(summary.model_dump(mode="json"), indent=2).encode())
         return summary
