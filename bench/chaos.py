@@ -152,9 +152,10 @@ class Driver:
             raise RuntimeError(f"a run did not finish within {timeout:.0f} s") from None
 
 
-def actor_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", ACTOR_PATTERN], capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in found]
+def session_pids(session: int, pattern: str = "") -> list[int]:
+    """Processes of a driver's session (its private Ray included), optionally matching `pattern`."""
+    command = ["pgrep", "-s", str(session), *(["-f", pattern] if pattern else [])]
+    return [int(pid) for pid in subprocess.run(command, capture_output=True, text=True).stdout.split()]
 
 
 def kill_workers(driver: Driver, rng: random.Random, kills: int, max_delay: float) -> int:
@@ -162,7 +163,7 @@ def kill_workers(driver: Driver, rng: random.Random, kills: int, max_delay: floa
     done = 0
     while done < kills and driver.process.poll() is None:
         time.sleep(rng.uniform(0.2, max_delay))
-        pids = actor_pids()
+        pids = session_pids(driver.process.pid, ACTOR_PATTERN)
         if not pids:
             continue
         try:
@@ -184,19 +185,29 @@ def complete(config: Path, out: Path, timeout: float) -> int:
     raise RuntimeError("the run did not complete in 5 tries")
 
 
-def reap_orphans() -> None:
-    """Between directories: let the killed drivers' Ray processes go, so runs do not pile up."""
+def reap(sessions: list[int]) -> int:
+    """Between directories: wait for killed drivers' leftovers (their private Ray) to go, so
+    runs do not pile up; returns how many were still there after 30 s (then killed)."""
     deadline = time.time() + 30
-    while actor_pids() and time.time() < deadline:
+    while any(session_pids(s) for s in sessions) and time.time() < deadline:
         time.sleep(0.5)
+    left = [pid for s in sessions for pid in session_pids(s)]
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sessions.clear()
+    return len(left)
 
 
 def chaos(args: argparse.Namespace, scratch: Path) -> dict:
     rng = random.Random(args.seed)
     config = tiny_setup(scratch, args.samples, args.max_attempts)
     record = {"driver_kills": 0, "worker_kills": 0, "both_rounds": 0, "directories": 0, "runs": 0,
-              "problems": [], "refused_while_held": 0}
+              "problems": [], "refused_while_held": 0, "leftovers_after_30s": 0}
     directory = 0
+    killed: list[int] = []  # sessions of killed drivers
 
     def audit_dir(out: Path) -> None:
         record["directories"] += 1
@@ -214,11 +225,12 @@ def chaos(args: argparse.Namespace, scratch: Path) -> dict:
                 record["refused_while_held"] += driver.process.returncode == 2
                 continue  # finished (or refused) before the kill: a kill is only counted when it lands
             driver.kill()
+            killed.append(driver.process.pid)
             record["driver_kills"] += 1
             record["runs"] += 1
         record["runs"] += complete(config, out, args.timeout)
         audit_dir(out)
-        reap_orphans()
+        record["leftovers_after_30s"] += reap(killed)
         print(f"driver kills {record['driver_kills']}/{args.driver_kills}, problems {len(record['problems'])}", flush=True)
 
     # worker kills during runs that go on
@@ -242,11 +254,12 @@ def chaos(args: argparse.Namespace, scratch: Path) -> dict:
         record["worker_kills"] += kill_workers(driver, rng, 2, args.max_delay / 3)
         if driver.process.poll() is None:
             driver.kill()
+            killed.append(driver.process.pid)
             record["driver_kills"] += 1
         record["both_rounds"] += 1
         record["runs"] += 1 + complete(config, out, args.timeout)
         audit_dir(out)
-        reap_orphans()
+        record["leftovers_after_30s"] += reap(killed)
     return record
 
 
