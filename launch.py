@@ -26,9 +26,9 @@ def command_run(args: argparse.Namespace) -> int:
     from schemas.config import load_config
 
     config = load_config(args.config)
-    overrides = {k: v for k, v in (("executor", args.executor), ("address", args.address), ("workers", args.workers)) if v}
+    overrides = {k: getattr(args, k) for k in ("executor", "address", "workers") if getattr(args, k) is not None}
     if overrides:
-        config = config.model_copy(update={"execution": config.execution.model_copy(update=overrides)})
+        config = config.with_execution(**overrides)
     summary = run(config, args.out, show_progress=not args.quiet)
     print(
         f"{args.out}: {summary.written} samples written, {summary.dropped} dropped, "
@@ -127,8 +127,36 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def whole_number(minimum: int):
+    """argparse type: an integer >= minimum, refused in argparse's own one-line way."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    return parse
+
+
+def user_error(message: str) -> int:
+    """One line on stderr, whatever the message holds (a key may contain a line break)."""
+    print("error: " + " ".join(message.splitlines()), file=sys.stderr)
+    return USER_ERROR
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """argparse's usage and error lines, the error kept on one line whatever was typed."""
+        self.print_usage(sys.stderr)
+        self.exit(USER_ERROR, f"{self.prog}: error: {' '.join(message.splitlines())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskmint", description=__doc__)
+    parser = Parser(prog="maskmint", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="generate (or resume) a dataset")
     run.add_argument("--config", required=True, type=Path, help="run config YAML")
@@ -136,11 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--executor", choices=["ray", "local"], help="override execution.executor")
     run.add_argument("--address", help="join this Ray cluster ('auto' finds a local `ray start` head)")
-    run.add_argument("--workers", type=int, help="override execution.workers")
+    run.add_argument("--workers", type=whole_number(1), help="override execution.workers")
     run.set_defaults(handler=command_run)
     plan = commands.add_parser("plan", help="check a config and show what it will make, without loading weights")
     plan.add_argument("--config", required=True, type=Path, help="run config YAML")
-    plan.add_argument("--examples", type=int, default=5, help="example prompts to show (default 5)")
+    plan.add_argument("--examples", type=whole_number(1), default=5, help="example prompts to show (default 5)")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(handler=command_plan)
     inspect = commands.add_parser("inspect", help="summarise a run directory")
@@ -151,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     preview = commands.add_parser("preview", help="contact sheet of random samples of a run")
     preview.add_argument("dir", type=Path)
     preview.add_argument("--out", required=True, type=Path, help="PNG (or JPG) to write")
-    preview.add_argument("--samples", type=int, default=8, help="rows (default 8)")
-    preview.add_argument("--seed", type=int, default=0, help="which random samples")
+    preview.add_argument("--samples", type=whole_number(1), default=8, help="rows (default 8)")
+    preview.add_argument("--seed", type=whole_number(0), default=0, help="which random samples (>= 0)")
     preview.set_defaults(handler=command_preview)
     exporter = commands.add_parser("export", help="write a run's samples in another format")
     exporter.add_argument("dir", type=Path)
@@ -171,12 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except _user_errors() as error:
-        print(f"error: {error}", file=sys.stderr)
-        return USER_ERROR
+        return user_error(str(error))
     except OSError as error:  # a path the user gave that cannot be read or written
-        where = f": {error.filename}" if error.filename else ""
-        print(f"error: {error.strerror or error}{where}", file=sys.stderr)
-        return USER_ERROR
+        return user_error(f"{error.strerror or error}" + (f": {error.filename}" if error.filename else ""))
     except KeyboardInterrupt:
         print("interrupted: whole shards are kept; re-run the same command to resume", file=sys.stderr)
         return 130

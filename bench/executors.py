@@ -22,8 +22,7 @@ from schemas.config import load_config
 
 
 def timed_run(config, executor: str, workers: int | None) -> tuple[float, int]:
-    update = {"executor": executor, "workers": workers if executor == "ray" else None}
-    config = config.model_copy(update={"execution": config.execution.model_copy(update=update)})
+    config = config.with_execution(executor=executor, workers=workers if executor == "ray" else None)
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
         summary = run(config, Path(scratch) / "run", show_progress=False)

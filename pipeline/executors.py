@@ -193,8 +193,9 @@ def dispatch(actors: list, shards: list[int], limits: Limits, progress: Progress
                     idle.append(actor)
                 except Exception as error:  # noqa: BLE001 - this actor cannot come back; the others go on
                     reason = _init_error(error)
-                    if reason and reason.startswith(f"{ModelLoadError.__name__}:"):
-                        raise ModelLoadError(reason.partition(": ")[2]) from None
+                    load_error = f"{ModelLoadError.__name__}: "
+                    if reason and load_error in reason:
+                        raise ModelLoadError(reason.partition(load_error)[2]) from None
                     last_loss = reason or first_line(error)
                     progress.note(f"a worker was lost: {last_loss}")
                 continue
@@ -211,7 +212,7 @@ def dispatch(actors: list, shards: list[int], limits: Limits, progress: Progress
                 await_ready(actor)
                 progress.samples(-counted[shard])
                 counted[shard] = 0
-                failed[shard] = f"no result within shard_timeout_s" if ref in timed_out else first_line(error)
+                failed[shard] = "no result within shard_timeout_s" if ref in timed_out else first_line(error)
                 timed_out.discard(ref)
                 retry = attempts[shard] < limits.max_attempts
                 progress.failure(shard, failed[shard], final=not retry)

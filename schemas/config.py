@@ -322,6 +322,14 @@ class RunConfig(Section):
     def class_names(self) -> dict[int, str]:
         return {c.class_id: c.name for c in self.prompts.concepts}
 
+    def with_execution(self, **changes: Any) -> RunConfig:
+        """The same run executed another way (command-line overrides), validated like the file."""
+        try:
+            execution = ExecutionConfig.model_validate({**self.execution.model_dump(), **changes})
+        except ValidationError as error:
+            raise ConfigError(_format_error(error, prefix="execution.")) from None
+        return self.model_copy(update={"execution": execution})
+
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -337,10 +345,11 @@ class RunConfig(Section):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _format_error(error: ValidationError) -> str:
+def _format_error(error: ValidationError, prefix: str = "") -> str:
     lines = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"] if not str(p).startswith(("function-", "str", "Template")))
+        parts = [str(p) for p in item["loc"] if not str(p).startswith(("function-", "str", "Template"))]
+        where = prefix + ".".join(p if p.isprintable() and p.strip() == p and p else repr(p) for p in parts)
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -135,12 +136,18 @@ def load_inpainting(base, config: ModelConfig):
 
 def load_tokenizer(config: ModelConfig):
     """Just the tokenizer: planning needs token positions without loading any network."""
-    from transformers import CLIPTokenizer
-
-    quiet_libraries()
     source = config.single_file_config if _is_single_file(config.path) else config.path
     if source is None:
         raise ModelLoadError("model.single_file_config: needed to find the tokenizer of a single-file checkpoint")
+    return _tokenizer_at(source)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_at(source: str):
+    # Cached: `plan`, the run's preflight and the in-process worker all ask for it.
+    from transformers import CLIPTokenizer
+
+    quiet_libraries()
     try:
         return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     except Exception as error:  # noqa: BLE001

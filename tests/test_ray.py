@@ -161,3 +161,85 @@ def test_driver_sigkill_then_rerun_resumes_exactly(ray_instance, ray_config, wri
     assert run_cli(config_path, out) == 0
     assert_exactly_planned(config_path, out)
     assert RunDir(out).complete_shards() == set(range(24))
+
+
+def test_a_model_that_fails_to_load_in_the_workers_exits_2(ray_instance, ray_config, write_config, tiny_model_dir, tmp_path, capsys):
+    """The tokenizer loads (planning passes), the weights do not: a user error, not 'no worker left'."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    ray_config["model"]["path"] = str(broken)
+    assert run_cli(write_config(ray_config), tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: model.path: cannot load") and "Traceback" not in "\n".join(err)
+
+
+class StandIn:
+    """A worker without a model: hangs where told to, to test the bounded waits."""
+
+    def __init__(self, hang_ready: bool = False, slow_shard: int | None = None, marker: str = "", seconds: float = 0.0):
+        self.hang_ready, self.slow_shard, self.marker, self.seconds = hang_ready, slow_shard, marker, seconds
+
+    def ready(self) -> bool:
+        if self.hang_ready:
+            time.sleep(3600)
+        return True
+
+    def run_shard(self, shard: int):
+        if shard == self.slow_shard and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(3600)  # a hung device, on the first try only
+        time.sleep(self.seconds)
+        yield 1
+        yield {"shard": shard}
+
+
+class Notes:
+    def __init__(self):
+        self.failures, self.notes, self.samples_seen = [], [], 0
+
+    def samples(self, count):
+        self.samples_seen += count
+
+    def failure(self, shard, error, final):
+        self.failures.append((shard, error, final))
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+@pytest.fixture
+def stand_in(ray_instance):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return ray_instance.remote(StandIn).options(num_cpus=0, max_restarts=-1)
+
+
+def test_a_worker_that_never_gets_ready_is_given_up(stand_in):
+    from pipeline.executors import Limits, dispatch
+
+    progress = Notes()
+    start = time.monotonic()
+    failed = dispatch(
+        [stand_in.remote(hang_ready=True), stand_in.remote(seconds=0.5)], list(range(10)), Limits(2, 3.0, None), progress
+    )
+    assert failed == {} and progress.samples_seen == 10
+    assert any("not ready within worker_start_timeout_s=3" in n for n in progress.notes)
+
+    progress = Notes()
+    failed = dispatch([stand_in.remote(hang_ready=True)], [0, 1], Limits(2, 2.0, None), progress)
+    assert time.monotonic() - start < 60
+    assert set(failed) == {0, 1} and all("no worker left" in e and "not ready within" in e for e in failed.values())
+
+
+def test_a_hung_shard_is_timed_out_and_retried(stand_in, tmp_path):
+    from pipeline.executors import Limits, dispatch
+
+    progress = Notes()
+    actor = stand_in.remote(slow_shard=1, marker=str(tmp_path / "hung-once"))
+    failed = dispatch([actor], [0, 1, 2], Limits(2, 60.0, 2.0), progress)
+    assert failed == {} and progress.samples_seen == 3
+    assert progress.failures == [(1, "no result within shard_timeout_s", False)]
