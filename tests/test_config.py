@@ -86,3 +86,31 @@ def test_config_hash_changes_with_content(config_dict):
 def test_parse_rejects_non_mapping():
     with pytest.raises(ConfigError, match="mapping"):
         parse_config(["not", "a", "mapping"])
+
+
+def test_readme_defaults_are_the_schema_defaults(config_dict):
+    """Every default the README's config table states as a literal is the one the schema applies."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    minimal = {"model": {"path": "org/model"}, "prompts": {"concepts": [{"name": "dog", "class_id": 1}]}}
+    defaults = parse_config(minimal).model_dump()
+    checked = 0
+    for row in re.findall(r"^\| `(\w+)` \|.*\| (.*) \|$", readme, flags=re.MULTILINE):
+        section, fields = row
+        for name, stated in re.findall(r"`(\w+)` \(([^)]+)\)", fields):
+            value = stated.split(";")[0].split(":")[0].strip()
+            actual = defaults[section].get(name, "absent")
+            if re.fullmatch(r"-?[\d.]+", value):
+                assert actual == float(value), (section, name, stated, actual)
+            elif value in ("true", "false"):
+                assert actual is (value == "true"), (section, name, stated, actual)
+            elif value == "none":
+                assert actual is None, (section, name, stated, actual)
+            elif value in ("jpg", "ray", "auto"):
+                assert actual == value, (section, name, stated, actual)
+            else:
+                continue
+            checked += 1
+    assert checked >= 30
