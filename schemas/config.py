@@ -99,8 +99,84 @@ def _fields_of(text: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(text) if name}
 
 
+def resolve_input_file(value: str | None, info: ValidationInfo) -> str | None:
+    """A file the config names: resolved against the config's folder (then the working
+    directory); it must exist."""
+    if value is None:
+        return None
+    base = Path((info.context or {}).get("base_dir", "."))
+    expanded = Path(value).expanduser()
+    candidates = [expanded] if expanded.is_absolute() else [base / expanded, Path.cwd() / expanded]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate.resolve())
+    raise ValueError(f"'{value}' is not a file (relative paths are resolved against the config file's folder)")
+
+
+def read_concepts_file(path: str) -> list[ConceptConfig]:
+    """One class name per line (ids 1, 2, ...), or `id,name[,synonym|synonym...]` on every line;
+    blank lines and `#` comments are skipped."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            rows.append((number, [part.strip() for part in line.split(",")]))
+    if not rows:
+        raise ValueError(f"concepts_file: '{path}' lists no class")
+    with_ids = [len(parts) > 1 for _, parts in rows]
+    if any(with_ids) and not all(with_ids):
+        number = rows[with_ids.index(not with_ids[0])][0]
+        raise ValueError(f"concepts_file line {number}: mixes 'name' and 'id,name' lines; use one form throughout")
+    concepts = []
+    for position, (number, parts) in enumerate(rows, start=1):
+        try:
+            if len(parts) == 1:
+                concepts.append(ConceptConfig(name=parts[0], class_id=position))
+            else:
+                synonyms = [w.strip() for w in parts[2].split("|") if w.strip()] if len(parts) > 2 else []
+                if len(parts) > 3:
+                    raise ValueError("expected id,name[,synonym|synonym...]")
+                concepts.append(ConceptConfig(name=parts[1], class_id=int(parts[0]), synonyms=synonyms))
+        except (ValueError, ValidationError) as error:
+            detail = _format_error(error) if isinstance(error, ValidationError) else str(error)
+            raise ValueError(f"concepts_file line {number}: {detail}") from None
+    return concepts
+
+
+class LineConcept(Section):
+    """One concept of a prompts.file line: the word as written in the prompt, and its class."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    word: str = Field(min_length=1)
+    class_: str | int = Field(alias="class", description="class name or id")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"word": value, "class": value} if isinstance(value, str) else value
+
+
+class PromptLine(Section):
+    """One line of prompts.file (JSON): {"prompt": ..., "concepts": ["dog", {"word": "puppy", "class": "dog"}]}."""
+
+    prompt: str = Field(min_length=1)
+    concepts: list[LineConcept] = Field(min_length=1)
+    background: str | None = Field(default=None, description="default: the prompt without the concept words")
+
+
 class PromptsConfig(Section):
-    concepts: list[ConceptConfig] = Field(min_length=1)
+    concepts: list[ConceptConfig] = Field(
+        default_factory=list, description="the classes; or give concepts_file or preset instead"
+    )
+    concepts_file: str | None = Field(
+        default=None, description="class list: one name per line, or `id,name[,synonym|synonym...]` per line"
+    )
+    preset: Literal["voc", "coco"] | None = Field(default=None, description="a benchmark's class list with its ids")
+    file: str | None = Field(
+        default=None,
+        description="JSONL of prompts written elsewhere, one per line naming its concept word(s) and class(es); "
+        "sample i takes line i mod lines; templates and fillers are then unused",
+    )
     templates: list[Template] = Field(
         default_factory=lambda: ["a photo of a {concept}"],
         description="a plain string is the prompt; a mapping may also give its background prompt",
@@ -115,7 +191,35 @@ class PromptsConfig(Section):
             return [{"prompt": t} if isinstance(t, str) else t for t in value]
         return value
 
+    _files = field_validator("concepts_file", "file")(resolve_input_file)
+
     @model_validator(mode="after")
+    def _resolve_and_check(self) -> PromptsConfig:
+        resolved = self._class_list()
+        if resolved is not self.concepts:
+            self = self.model_copy(update={"concepts": resolved})
+        return self._check_templates()
+
+    def _class_list(self) -> list[ConceptConfig]:
+        """The classes, from exactly one source; a frozen config read back (concepts already
+        filled in from its file or preset) passes."""
+        if self.concepts_file is not None and self.preset is not None:
+            raise ValueError("concepts_file and preset: give one of them")
+        if self.preset is not None:
+            from schemas.presets import PRESETS
+
+            loaded = [ConceptConfig(name=name, class_id=i) for i, name in PRESETS[self.preset].items()]
+        elif self.concepts_file is not None:
+            loaded = read_concepts_file(self.concepts_file)
+        elif not self.concepts:
+            raise ValueError("concepts: give the classes (concepts, concepts_file or preset)")
+        else:
+            return self.concepts
+        if self.concepts and self.concepts != loaded:
+            source = "preset" if self.preset else "concepts_file"
+            raise ValueError(f"concepts: give the classes either here or by {source}, not both")
+        return loaded
+
     def _check_templates(self) -> PromptsConfig:
         if not self.templates and not all(c.templates for c in self.concepts):
             raise ValueError("templates: empty, and not every concept has templates of its own")
@@ -300,6 +404,8 @@ UNET_RUNTIME_ONLY = {"compile", "channels_last"}
 # Where the weights sit is not what they are: a run moved to another mount or checkout is
 # the same run. The weights' identity enters the hash as a fingerprint instead.
 MODEL_LOCATIONS = {"path", "inpaint_path", "single_file_config"}
+# Likewise input files: their content is hashed (the class list is in `concepts`).
+INPUT_FILES = {"concepts_file", "file"}
 
 
 class RunConfig(Section):
@@ -338,9 +444,14 @@ class RunConfig(Section):
         name, not where the weights are (`model_fingerprint` says what they are)."""
         content = self.model_dump(
             mode="json",
-            exclude={"name": True, "model": MODEL_LOCATIONS, "execution": EXECUTION_ONLY, "generation": UNET_RUNTIME_ONLY},
+            exclude={
+                "name": True, "model": MODEL_LOCATIONS, "prompts": INPUT_FILES,
+                "execution": EXECUTION_ONLY, "generation": UNET_RUNTIME_ONLY,
+            },
         )
         content["model_fingerprint"] = model_fingerprint
+        if self.prompts.file is not None:
+            content["prompts_file_sha256"] = hashlib.sha256(Path(self.prompts.file).read_bytes()).hexdigest()
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from schemas.config import CONCEPT_FIELD, ConceptConfig, PromptsConfig, find_word
+from pydantic import ValidationError
+
+from schemas.config import CONCEPT_FIELD, ConceptConfig, PromptLine, PromptsConfig, find_word
 from schemas.records import ConceptSpan
 
 Tokenize = Callable[[str], list[int]]  # text -> token ids without BOS/EOS
@@ -34,13 +36,48 @@ def token_positions(tokenize: Tokenize, prompt: str, span: tuple[int, int], max_
     return positions
 
 
+class LineIndex:
+    """Byte offsets of the non-blank lines of a JSONL file: line i is read on demand, so a
+    file of millions of prompts costs 8 bytes a line in memory."""
+
+    def __init__(self, path: str):
+        self.path = path
+        offsets, numbers, position = [], [], 0
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if raw.strip():
+                    offsets.append(position)
+                    numbers.append(number)
+                position += len(raw)
+        if not offsets:
+            raise PromptError(f"prompts.file: '{path}' holds no prompt")
+        self.offsets = np.array(offsets, dtype=np.int64)
+        self.numbers = np.array(numbers, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def read(self, i: int) -> tuple[int, str]:
+        """(1-based line number in the file, the line's text)."""
+        with open(self.path, "rb") as handle:
+            handle.seek(int(self.offsets[i]))
+            return int(self.numbers[i]), handle.readline().decode("utf-8", errors="replace")
+
+
+Rendered = tuple[str, str, str, list[ConceptSpan]]  # prompt, background prompt, removal negative, concepts
+
+
 class PromptBuilder:
-    """Deterministic prompt for a sample index: concepts cycle so classes stay balanced."""
+    """Deterministic prompt for a sample index. From templates, concepts take turns so classes
+    stay balanced; from a prompts file, sample i takes line i mod lines."""
 
     def __init__(self, config: PromptsConfig, tokenize: Tokenize, max_length: int):
         self.config = config
         self.tokenize = tokenize
         self.max_length = max_length
+        self.lines = LineIndex(config.file) if config.file is not None else None
+        self.by_class = {c.class_id: c for c in config.concepts}
+        self.by_name = {c.name.lower(): c for c in config.concepts}
 
     def _choices(self, concept_index: int) -> list[tuple[str, str | None, str]]:
         """(prompt template, background template, where it is configured)."""
@@ -49,23 +86,36 @@ class PromptBuilder:
         return own + [(t.prompt, t.background, f"prompts.templates.{i}") for i, t in enumerate(self.config.templates)]
 
     def concept_counts(self, samples: int) -> dict[int, int]:
-        """class id -> samples of that class in a run of `samples` (concepts take turns)."""
+        """class id -> samples showing that class in a run of `samples`."""
         concepts = self.config.concepts
-        return {c.class_id: samples // len(concepts) + (i < samples % len(concepts)) for i, c in enumerate(concepts)}
+        if self.lines is None:  # concepts take turns
+            return {c.class_id: samples // len(concepts) + (i < samples % len(concepts)) for i, c in enumerate(concepts)}
+        counts = dict.fromkeys((c.class_id for c in concepts), 0)
+        cycles, rest = divmod(samples, len(self.lines))
+        for i in range(min(samples, len(self.lines))):
+            for span in self.from_line(i)[3]:
+                counts[span.class_id] += cycles + (i < rest)
+        return counts
 
-    def __call__(self, index: int, rng: np.random.Generator) -> tuple[str, str, str, list[ConceptSpan]]:
+    def __call__(self, index: int, rng: np.random.Generator) -> Rendered:
+        if self.lines is not None:
+            return self.from_line(index % len(self.lines))
         concept_index = index % len(self.config.concepts)  # turns: see concept_counts
         concept = self.config.concepts[concept_index]
         choices = self._choices(concept_index)
         template, background, _ = choices[int(rng.integers(len(choices)))]
         fills = {name: options[int(rng.integers(len(options)))] for name, options in sorted(self.config.fillers.items())}
         word = concept.words[int(rng.integers(len(concept.words)))]
-        return self._render(concept, template, background, fills, word)
+        return self._from_template(concept, template, background, fills, word)
 
     def check_all(self) -> None:
-        """Every template with every concept word and the longest filler options (most tokens,
-        so the concept sits as late as it ever will): a prompt the model cannot take is found
-        before any work, whatever the run's size."""
+        """Every prompt the run can draw is one the model can take, found before any work.
+        Templates: each with every concept word and the longest filler options (most tokens,
+        so the concept sits as late as it ever will). A prompts file: every line."""
+        if self.lines is not None:
+            for i in range(len(self.lines)):
+                self.from_line(i)
+            return
         longest = {
             name: max(options, key=lambda option: len(self.tokenize(option)))
             for name, options in self.config.fillers.items()
@@ -74,13 +124,41 @@ class PromptBuilder:
             for template, background, where in self._choices(concept_index):
                 for word in concept.words:
                     try:
-                        self._render(concept, template, background, longest, word)
+                        self._from_template(concept, template, background, longest, word)
                     except PromptError as error:
                         raise PromptError(f"{where}: {error}") from None
 
-    def _render(
+    def from_line(self, i: int) -> Rendered:
+        number, text = self.lines.read(i)
+        where = f"prompts.file line {number}"
+        try:
+            line = PromptLine.model_validate_json(text)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            field = ".".join(str(p) for p in problem["loc"]) or "line"
+            raise PromptError(f"{where}: {field}: {problem['msg']}") from None
+        found = []
+        for item in line.concepts:
+            concept = self._class_of(item.class_)
+            if concept is None:
+                raise PromptError(f"{where}: class {item.class_!r} is not one of the run's classes")
+            span = find_word(line.prompt, [item.word])
+            if span is None:
+                raise PromptError(f"{where}: the word '{item.word}' does not occur in the prompt")
+            found.append((concept, span))
+        try:
+            return self._render(line.prompt, found, line.background)
+        except PromptError as error:
+            raise PromptError(f"{where}: {error}") from None
+
+    def _class_of(self, name_or_id: str | int) -> ConceptConfig | None:
+        if isinstance(name_or_id, int):
+            return self.by_class.get(name_or_id)
+        return self.by_name.get(name_or_id.lower())
+
+    def _from_template(
         self, concept: ConceptConfig, template: str, background: str | None, fills: dict[str, str], word: str
-    ) -> tuple[str, str, str, list[ConceptSpan]]:
+    ) -> Rendered:
         marker = "\x00"
         prompt = template.format(**fills, **{CONCEPT_FIELD: marker})
         if marker in prompt:
@@ -89,15 +167,23 @@ class PromptBuilder:
             span = (start, start + len(word))
         else:  # the concept's own template names it literally
             span = find_word(prompt, concept.words)
-            word = prompt[span[0] : span[1]]
-        positions = token_positions(self.tokenize, prompt, span, self.max_length)
-
         if background is not None:
-            background_prompt = background.format(**fills, **{CONCEPT_FIELD: ""}).strip()
-        else:
-            background_prompt = _drop_concept(prompt, word)
-        negative = ", ".join(w for w in [*concept.words, self.config.negative_prompt] if w)
-        spans = [
-            ConceptSpan(name=concept.name, class_id=concept.class_id, word=word, char_span=span, token_positions=positions)
-        ]
-        return prompt, background_prompt, negative, spans
+            background = background.format(**fills, **{CONCEPT_FIELD: ""}).strip()
+        return self._render(prompt, [(concept, span)], background)
+
+    def _render(self, prompt: str, found: list[tuple[ConceptConfig, tuple[int, int]]], background: str | None) -> Rendered:
+        """Token positions of each concept, the background prompt (every concept word dropped
+        with its article unless given) and the removal negative (every concept's words)."""
+        spans = []
+        for concept, span in found:
+            word = prompt[span[0] : span[1]]
+            positions = token_positions(self.tokenize, prompt, span, self.max_length)
+            spans.append(ConceptSpan(name=concept.name, class_id=concept.class_id, word=word, char_span=span,
+                                     token_positions=positions))
+        if background is None:
+            background = prompt
+            for span in spans:
+                background = _drop_concept(background, span.word)
+        words = [w for concept, _ in found for w in concept.words]
+        negative = ", ".join(dict.fromkeys(w for w in [*words, self.config.negative_prompt] if w))
+        return prompt, background, negative, spans
