@@ -56,10 +56,13 @@ def command_plan(args: argparse.Namespace) -> int:
     from schemas.config import load_config
     from stages.models import load_tokenizer
 
+    from pipeline.cost import estimate
+
     config = load_config(args.config)
     plan = Plan(config, load_tokenizer(config.model))
     plan.preflight()
     report = plan_report(config, plan, args.examples)
+    report["cost"] = estimate(config, args.peak_tflops, args.utilisation)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -71,6 +74,15 @@ def command_plan(args: argparse.Namespace) -> int:
         print(f"  warning: truncated past {report['token_limit']} tokens: {prompt}")
     for example in report["examples"]:
         print(f"  {example['key']}: {example['prompt']!r} -> background {example['background_prompt']!r}")
+    cost = report["cost"]
+    parts = ", ".join(f"{k} {v:.4g}" for k, v in cost["by_part_tflop"].items())
+    print(f"  compute: {cost['tflop_per_triple']:.4g} TFLOP per triple at {cost['size'][0]}x{cost['size'][1]} ({parts}), "
+          f"{cost['run_pflop']:.4g} PFLOP for the run")
+    if "device_hours" in cost:
+        print(f"  at {cost['peak_tflops']:g} TFLOP/s peak and {cost['utilisation']:.0%} utilisation (an assumption): "
+              f"{cost['device_hours']:.4g} device-hours ({cost['device_seconds']:.4g} s)")
+    else:
+        print("  give --peak-tflops (the device's dense peak) for device-hours")
     return 0
 
 
@@ -112,10 +124,28 @@ def command_inspect(args: argparse.Namespace) -> int:
 
 
 def command_preview(args: argparse.Namespace) -> int:
-    from pipeline.preview import write_preview
+    from pipeline.preview import rank, score_names, write_preview
+    from pipeline.rundir import RunDir, RunDirError
 
-    out = write_preview(args.dir, args.out, count=args.samples, seed=args.seed)
-    print(f"{out}: {args.samples} random samples (image | heat map | weak mask | background | mask overlay)")
+    columns = "(image | heat map | weak mask | background | mask overlay)"
+    if args.by is None:
+        if args.worst or args.per_class or args.highest:
+            raise RunDirError("--worst, --per-class and --highest rank samples: give the score with --by")
+        out = write_preview(args.dir, args.out, count=args.samples, seed=args.seed)
+        print(f"{out}: {args.samples} random samples {columns}")
+        return 0
+    stats = RunDir(args.dir).shard_stats()
+    names = score_names(stats)
+    if args.by not in names:
+        raise RunDirError(f"--by: '{args.by}' is not a score of this run (its scores: {', '.join(names) or 'none yet'})")
+    count = args.worst or args.samples
+    ranked = rank(stats, args.by, count, highest=args.highest, per_class=args.per_class)
+    out = write_preview(args.dir, args.out, ranked=ranked)
+    order = "highest" if args.highest else "lowest"
+    print(f"{out}: the {count} {order} on {args.by}{' per class' if args.per_class else ''} {columns}")
+    for item in ranked:
+        label = f"class {item.class_id}  " if item.class_id is not None else ""
+        print(f"  {label}{item.key}  {args.by}={item.score:.5g}")
     return 0
 
 
@@ -148,6 +178,17 @@ def user_error(message: str) -> int:
     return USER_ERROR
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """argparse's usage and error lines, the error kept on one line whatever was typed."""
@@ -169,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="check a config and show what it will make, without loading weights")
     plan.add_argument("--config", required=True, type=Path, help="run config YAML")
     plan.add_argument("--examples", type=whole_number(1), default=5, help="example prompts to show (default 5)")
+    plan.add_argument("--peak-tflops", type=positive_float, help="device's dense peak TFLOP/s (H100 bf16: 989)")
+    plan.add_argument("--utilisation", type=positive_float, default=0.35,
+                      help="share of the peak a run achieves, assumed (default 0.35)")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(handler=command_plan)
     inspect = commands.add_parser("inspect", help="summarise a run directory")
@@ -176,17 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--verify", action="store_true", help="read every tar through and check its digest")
     inspect.set_defaults(handler=command_inspect)
-    preview = commands.add_parser("preview", help="contact sheet of random samples of a run")
+    preview = commands.add_parser("preview", help="contact sheet of random samples of a run, or its worst by a score")
     preview.add_argument("dir", type=Path)
     preview.add_argument("--out", required=True, type=Path, help="PNG (or JPG) to write")
     preview.add_argument("--samples", type=whole_number(1), default=8, help="rows (default 8)")
     preview.add_argument("--seed", type=whole_number(0), default=0, help="which random samples (>= 0)")
+    preview.add_argument("--by", help="rank by this quality score (e.g. weak_refined_iou, mask_fraction) instead of at random")
+    preview.add_argument("--worst", type=whole_number(1), help="how many ranked samples (default: --samples)")
+    preview.add_argument("--highest", action="store_true", help="rank the highest first (for scores where high is bad)")
+    preview.add_argument("--per-class", action="store_true", help="rank within each class, a group of rows per class")
     preview.set_defaults(handler=command_preview)
     exporter = commands.add_parser("export", help="write a run's samples in another format")
     exporter.add_argument("dir", type=Path)
     exporter.add_argument("--out", required=True, type=Path, help="new or empty folder")
-    exporter.add_argument("--format", choices=["folders", "coco"], default="folders",
-                          help="folders: images/ masks/ backgrounds/ metadata/; coco: COCO instances JSON with RLE masks")
+    exporter.add_argument("--format", choices=["folders", "coco", "hf"], default="folders",
+                          help="folders: images/ masks/ backgrounds/ metadata/; coco: COCO instances JSON with RLE masks; "
+                               "hf: Hugging Face datasets Arrow shards (load_from_disk)")
     exporter.set_defaults(handler=command_export)
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ def _distribution(values: list[float]) -> str:
     if not values:
         return "n/a"
     low, median, high = np.percentile(values, [5, 50, 95])
-    return f"{median:.3f} (5%: {low:.3f}, 95%: {high:.3f})"
+    return f"{median:.3g} [{low:.3g}-{high:.3g}]"
 
 
 def shard_pattern(summary: RunSummary, whole: list[int]) -> str:
@@ -29,10 +30,46 @@ def shard_pattern(summary: RunSummary, whole: list[int]) -> str:
     return json.dumps([f"shards/{s:06d}.tar" for s in sorted(whole)])
 
 
+def class_counts(stats: list[ShardStats]) -> dict[int, tuple[int, int]]:
+    """class id -> (samples written, samples dropped) showing that class."""
+    counts: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for s in stats:
+        for key, classes in s.classes.items():
+            for class_id in classes:
+                counts[class_id][key in s.dropped] += 1
+    return defaultdict(lambda: (0, 0), {k: (v[0], v[1]) for k, v in counts.items()})
+
+
+def score_table(stats: list[ShardStats], classes: dict) -> list[str]:
+    """Per-sample score distributions: all samples, then per class (median, 5-95%)."""
+    names = sorted({n for s in stats for scores in s.scores.values() for n in scores})
+    if not names:
+        return ["## Mask scores", "", "No per-sample scores recorded."]
+    columns: dict[str, list[dict]] = defaultdict(list)
+    for s in stats:
+        for key, scores in s.scores.items():
+            columns["all"].append(scores)
+            for class_id in s.classes.get(key, []):
+                columns[classes.get(str(class_id), classes.get(class_id, str(class_id)))].append(scores)
+    groups = ["all", *sorted(g for g in columns if g != "all")]
+    return [
+        "## Mask scores (per sample: median, and 5%-95% in brackets)",
+        "",
+        "| score | " + " | ".join(groups) + " |",
+        "|---|" + "---|" * len(groups),
+        *[f"| {n} | " + " | ".join(_distribution([q[n] for q in columns[g] if n in q]) for g in groups) + " |"
+          for n in names],
+        "",
+        "Per-sample scores are in each sample's `json` under `quality`, and in the shard's stats json;"
+        " `launch.py preview DIR --by SCORE --worst N` shows the lowest.",
+    ]
+
+
 def write_card(run_dir: Path | str, summary: RunSummary, stats: list[ShardStats]) -> Path:
     rundir = RunDir(run_dir)
     manifest = rundir.manifest()
     config = manifest.config
+    per_class = class_counts(stats)
     lines = [
         f"# {config.get('name', 'maskmint run')}",
         "",
@@ -52,11 +89,12 @@ def write_card(run_dir: Path | str, summary: RunSummary, stats: list[ShardStats]
         "",
         "## Classes",
         "",
-        "| id | name |",
-        "|---|---|",
-        "| 0 | background |",
-        *[f"| {k} | {v} |" for k, v in sorted(manifest.classes.items(), key=lambda item: int(item[0]))],
-        "| 255 | ignore (uncertain pixels) |",
+        "| id | name | samples written | dropped |",
+        "|---|---|---|---|",
+        "| 0 | background | | |",
+        *[f"| {k} | {v} | {per_class[int(k)][0]} | {per_class[int(k)][1]} |"
+          for k, v in sorted(manifest.classes.items(), key=lambda item: int(item[0]))],
+        "| 255 | ignore (uncertain pixels) | | |",
         "",
         "## Drops",
         "",
@@ -65,18 +103,7 @@ def write_card(run_dir: Path | str, summary: RunSummary, stats: list[ShardStats]
         lines += ["| reason | samples |", "|---|---|", *[f"| {r} | {n} |" for r, n in summary.dropped_by_reason.items()]]
     else:
         lines.append("No sample was dropped.")
-    keys = sorted({k for s in stats for k in s.mask})
-    lines += [
-        "",
-        "## Mask scores (per-shard means: median and 5-95% range over shards)",
-        "",
-        "| score | value |",
-        "|---|---|",
-        *[f"| {k} | {_distribution([s.mask[k] for s in stats if k in s.mask])} |" for k in keys],
-        "",
-        "Per-sample scores are in each sample's `json` under `quality`.",
-        "",
-    ]
+    lines += ["", *score_table(stats, manifest.classes), ""]
     if summary.written:
         write_preview(rundir.root, rundir.root / PREVIEW_NAME)
         lines += ["## Preview", "", "image | heat map | weak mask | background | mask overlay", "",

@@ -3,6 +3,8 @@
 - `folders`: OUT/images/KEY.jpg|png, OUT/masks/KEY.png (class indices, 255 ignore),
   OUT/backgrounds/KEY.*, OUT/metadata/KEY.json and OUT/classes.json: what most semantic
   segmentation codebases take.
+- `hf`: Hugging Face `datasets` Arrow shards, loaded with `datasets.load_from_disk(OUT)`
+  (see `export_hf`).
 - `coco`: OUT/images/KEY.* and OUT/annotations.json in COCO's instance format: one
   annotation per connected component of each class, its segmentation an uncompressed RLE
   (column-major counts, as pycocotools reads it), bbox and area; 255 pixels belong to no
@@ -25,7 +27,7 @@ from pipeline.dataset import read_encoded
 from pipeline.rundir import RunDir, RunDirError
 from schemas.records import BACKGROUND_ID, IGNORE_INDEX, MASK_FIELD, METADATA_FIELD
 
-FORMATS = ("folders", "coco")
+FORMATS = ("folders", "coco", "hf")
 
 
 def rle_encode(region: np.ndarray) -> dict:
@@ -72,6 +74,8 @@ def export(run_dir: Path | str, out: Path | str, fmt: str) -> int:
         raise RunDirError(f"{out}: is a file; --out takes a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out}: exists and is not empty; choose an empty or new folder")
+    if fmt == "hf":
+        return export_hf(run_dir, out, manifest)
     image_field, background_field = manifest.fields["image"], manifest.fields["background"]
     suffix = "." + image_field
     folders = ["images", "masks", "backgrounds", "metadata"] if fmt == "folders" else ["images"]
@@ -116,6 +120,60 @@ def export(run_dir: Path | str, out: Path | str, fmt: str) -> int:
         else:
             _stitch_coco(out / "annotations.json", classes, Path(spool))
     return count
+
+
+def class_label_names(classes: dict[int, str]) -> list[str]:
+    """ClassLabel names indexed by class id (0 background; ids the run does not use get a
+    placeholder, so a label's index is its mask value)."""
+    names = [f"unused_{i}" for i in range(max(classes, default=0) + 1)]
+    names[BACKGROUND_ID] = "background"
+    for class_id, name in classes.items():
+        names[class_id] = name
+    return names
+
+
+def export_hf(run_dir: Path | str, out: Path, manifest) -> int:
+    """Hugging Face `datasets` Arrow shards (`datasets.load_from_disk(OUT)`): image, mask,
+    background and heat map as `Image` features holding the stored bytes (no re-encoding;
+    mask values stay class ids, 255 ignore), the sample's classes as a `ClassLabel` sequence
+    (names indexed by class id), prompt and metadata. Written through a generator, batch
+    by batch, so memory stays flat."""
+    try:
+        import datasets
+    except ImportError:
+        raise RunDirError("export --format hf needs the `datasets` package: pip install -e \".[hf]\"") from None
+    datasets.disable_progress_bars()
+    fields = manifest.fields
+    classes = {int(k): v for k, v in manifest.classes.items()}
+    features = datasets.Features({
+        "key": datasets.Value("string"),
+        "image": datasets.Image(),
+        "mask": datasets.Image(),
+        "background": datasets.Image(),
+        "heatmap": datasets.Image(),
+        "classes": datasets.Sequence(datasets.ClassLabel(names=class_label_names(classes))),
+        "prompt": datasets.Value("string"),
+        "metadata": datasets.Value("string"),
+    })
+
+    def rows():
+        for stored in read_encoded(run_dir):
+            metadata = json.loads(stored[fields["metadata"]])
+            yield {
+                "key": stored["__key__"],
+                **{name: {"bytes": stored[fields[name]], "path": None} for name in ("image", "mask", "background", "heatmap")},
+                "classes": [c["class_id"] for c in metadata["concepts"]],
+                "prompt": metadata["prompt"],
+                "metadata": stored[fields["metadata"]].decode(),
+            }
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as cache:
+        dataset = datasets.Dataset.from_generator(rows, features=features, cache_dir=cache)
+        if len(dataset) == 0:
+            raise RunDirError(f"{run_dir}: no whole shard with samples to export yet")
+        dataset.save_to_disk(str(out))
+    return len(dataset)
 
 
 def _stitch_coco(path: Path, classes: dict[int, str], spool: Path) -> None:

@@ -1,12 +1,13 @@
 """A contact sheet of a run, so a person can judge it at a glance.
 
-Each row is one random sample: image | heat map | weak mask | background | final mask over
-the image. The weak mask is recomputed from the stored heat map with the run's own mask
+Each row is one sample, random or ranked by a quality score (the worst first, to find failure
+modes): image | heat map | weak mask | background | final mask over the image. The weak mask is recomputed from the stored heat map with the run's own mask
 settings, so it is the mask the run started from.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -15,7 +16,7 @@ import numpy as np
 from pipeline.dataset import Sample, read_samples
 from pipeline.rundir import RunDir, RunDirError
 from schemas.config import MaskConfig
-from schemas.records import IGNORE_INDEX
+from schemas.records import IGNORE_INDEX, ShardStats
 from stages.weak_mask import weak_mask
 
 COLUMNS = ("image", "heat map", "weak mask", "background", "mask overlay")
@@ -50,13 +51,9 @@ def sample_row(sample: Sample, mask_config: MaskConfig, colours: dict[int, np.nd
     return np.concatenate([sample.image, heat_rgb, paint(weak, colours), sample.background, overlay], axis=1)
 
 
-def contact_sheet(run_dir: Path | str, count: int = 8, seed: int = 0, tile: int = 128) -> np.ndarray:
-    """RGB uint8 sheet of `count` random samples, drawn from up to `count` random whole shards
-    (so a preview of a run of millions reads a few shards, not all)."""
-    rundir = RunDir(run_dir)
-    manifest = rundir.manifest()
-    mask_config = MaskConfig.model_validate(manifest.config.get("mask", {}))
-    colours = class_colours(sorted(int(k) for k in manifest.classes))
+def random_samples(rundir: RunDir, count: int, seed: int) -> list[Sample]:
+    """`count` random samples drawn from up to `count` random whole shards (so a preview of a
+    run of millions reads a few shards, not all)."""
     rng = np.random.default_rng(seed)
     shards = sorted(rundir.complete_shards())
     picked = sorted(rng.choice(shards, size=min(count, len(shards)), replace=False).tolist()) if shards else []
@@ -66,16 +63,76 @@ def contact_sheet(run_dir: Path | str, count: int = 8, seed: int = 0, tile: int 
             chosen.append(sample)
         elif (slot := int(rng.integers(0, seen + 1))) < count:
             chosen[slot] = sample
+    return sorted(chosen, key=lambda s: s.key)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    key: str
+    shard: int
+    score: float
+    class_id: int | None  # the class row it was picked for (per-class review)
+
+
+def rank(stats: list[ShardStats], by: str, count: int, highest: bool = False, per_class: bool = False) -> list[Ranked]:
+    """The `count` written samples lowest on score `by` (highest with `highest`), from the shard
+    stats alone; with `per_class`, `count` for every class, class by class. Ties go by key."""
+    entries = [
+        (key, s.shard, scores[by], s.classes.get(key, []))
+        for s in stats
+        for key, scores in s.scores.items()
+        if by in scores
+    ]
+    order = (lambda e: (-e[2], e[0])) if highest else (lambda e: (e[2], e[0]))
+    if not per_class:
+        return [Ranked(k, shard, score, None) for k, shard, score, _ in sorted(entries, key=order)[:count]]
+    picked = []
+    for class_id in sorted({c for *_, classes in entries for c in classes}):
+        of_class = sorted((e for e in entries if class_id in e[3]), key=order)[:count]
+        picked += [Ranked(k, shard, score, class_id) for k, shard, score, _ in of_class]
+    return picked
+
+
+def score_names(stats: list[ShardStats]) -> list[str]:
+    return sorted({name for s in stats for scores in s.scores.values() for name in scores})
+
+
+def ranked_samples(rundir: RunDir, ranked: list[Ranked]) -> list[Sample]:
+    """The ranked samples read from their shards, in ranked order."""
+    wanted = {r.key for r in ranked}
+    found = {s.key: s for s in read_samples([rundir.tar_path(shard) for shard in sorted({r.shard for r in ranked})])
+             if s.key in wanted}
+    return [found[r.key] for r in ranked]
+
+
+def contact_sheet(
+    run_dir: Path | str, count: int = 8, seed: int = 0, tile: int = 128, ranked: list[Ranked] | None = None
+) -> np.ndarray:
+    """RGB uint8 sheet: `count` random samples, or the `ranked` ones in their order, each
+    captioned with its key, prompt (and score and class when ranked)."""
+    rundir = RunDir(run_dir)
+    manifest = rundir.manifest()
+    mask_config = MaskConfig.model_validate(manifest.config.get("mask", {}))
+    colours = class_colours(sorted(int(k) for k in manifest.classes))
+    if ranked is None:
+        chosen = random_samples(rundir, count, seed)
+        captions = [f"{s.key}: {s.metadata['prompt']}" for s in chosen]
+    else:
+        chosen = ranked_samples(rundir, ranked)
+        captions = [
+            (f"[{manifest.classes.get(r.class_id, r.class_id)}] " if r.class_id is not None else "")
+            + f"{r.key} {r.score:.3g}: {s.metadata['prompt']}"
+            for r, s in zip(ranked, chosen)
+        ]
     if not chosen:
         raise RunDirError(f"{run_dir}: no whole shard with samples to preview yet")
-    chosen.sort(key=lambda s: s.key)
     rows = []
-    for sample in chosen:
+    for sample, caption in zip(chosen, captions):
         row = sample_row(sample, mask_config, colours)
         height, width = sample.mask.shape
         scale = tile / height
         row = cv2.resize(row, (round(row.shape[1] * scale), tile), interpolation=cv2.INTER_NEAREST)
-        label = f"{sample.key}: {sample.metadata['prompt']}"[: 8 * len(COLUMNS) * tile // 100]
+        label = caption[: 8 * len(COLUMNS) * tile // 100]
         banner = np.full((18, row.shape[1], 3), 255, np.uint8)
         cv2.putText(banner, label, (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         rows.append(np.concatenate([banner, row], axis=0))
@@ -86,8 +143,10 @@ def contact_sheet(run_dir: Path | str, count: int = 8, seed: int = 0, tile: int 
     return np.concatenate([header, *rows], axis=0)
 
 
-def write_preview(run_dir: Path | str, out: Path | str, count: int = 8, seed: int = 0) -> Path:
-    sheet = contact_sheet(run_dir, count, seed)
+def write_preview(
+    run_dir: Path | str, out: Path | str, count: int = 8, seed: int = 0, ranked: list[Ranked] | None = None
+) -> Path:
+    sheet = contact_sheet(run_dir, count, seed, ranked=ranked)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):

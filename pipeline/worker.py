@@ -50,6 +50,10 @@ def as_columns(samples: list[PlannedSample]) -> dict:
     }
 
 
+def mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([q[k] for q in scores])) for k in scores[0]} if scores else {}
+
+
 def injected_fault(shard: int, root: Path) -> None:
     target, *options = os.environ.get(FAULT_ENV, "").split(":")
     if target.strip() != str(shard):
@@ -104,12 +108,12 @@ class ShardWorker:
                 injected_fault(shard, self.rundir.root)
             yield len(planned)
 
-        encoded, dropped, qualities = [], {}, []
+        encoded, dropped, qualities = [], {}, {}
         for future in finishing:
             batch_encoded, batch_dropped, batch_quality, batch_seconds = future.result()
             encoded += batch_encoded
             dropped.update(batch_dropped)
-            qualities += batch_quality
+            qualities.update(batch_quality)
             for stage, value in batch_seconds.items():
                 seconds[stage] += value
         stats = ShardStats(
@@ -118,7 +122,9 @@ class ShardWorker:
             written=[s["__key__"] for s in encoded],
             dropped=dropped,
             seconds={},
-            mask={k: float(np.mean([q[k] for q in qualities])) for k in qualities[0]} if qualities else {},
+            mask=mean_scores(list(qualities.values())),
+            scores=qualities,
+            classes={s.key: [c.class_id for c in s.concepts] for s in samples},
             worker=self.identity,
         )
         with timed(seconds, "write"):
@@ -145,10 +151,10 @@ class ShardWorker:
                 batch.update(stage(batch))
         return batch
 
-    def _finish(self, planned: list[PlannedSample], batch: dict) -> tuple[list[dict], dict, list, dict]:
+    def _finish(self, planned: list[PlannedSample], batch: dict) -> tuple[list[dict], dict, dict, dict]:
         seconds: dict[str, float] = defaultdict(float)
         self.mask_stages(batch, seconds)
-        encoded, dropped, qualities = [], {}, []
+        encoded, dropped, qualities = [], {}, {}
         output = self.config.output
         height, width = batch["image"].shape[1:3]
         with timed(seconds, "encode"):
@@ -183,7 +189,7 @@ class ShardWorker:
                         output.jpeg_quality,
                     )
                 )
-                qualities.append(quality)
+                qualities[sample.key] = quality
         return encoded, dropped, qualities, seconds
 
     def close(self) -> None:

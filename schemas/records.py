@@ -69,6 +69,10 @@ class ShardStats(Record):
     dropped: dict[str, str] = Field(description="key -> reason")
     seconds: dict[str, float] = Field(description="wall time per stage")
     mask: dict[str, float] = Field(description="mean mask statistics over written samples")
+    scores: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="written key -> its quality scores (for review without opening tars)"
+    )
+    classes: dict[str, list[int]] = Field(default_factory=dict, description="planned key -> its concepts' class ids")
     worker: dict[str, str] = Field(default_factory=dict)
     tar_bytes: int | None = Field(default=None, description="size of the shard's tar, checked on resume")
     tar_sha256: str | None = Field(default=None, description="digest of the shard's tar, checked by --verify")

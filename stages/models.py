@@ -134,12 +134,18 @@ def load_inpainting(base, config: ModelConfig):
     return pipe
 
 
-def load_tokenizer(config: ModelConfig):
-    """Just the tokenizer: planning needs token positions without loading any network."""
+def config_source(config: ModelConfig) -> str:
+    """Where the configs and tokenizer are: the model folder or hub id, or for a single-file
+    checkpoint its single_file_config."""
     source = config.single_file_config if _is_single_file(config.path) else config.path
     if source is None:
-        raise ModelLoadError("model.single_file_config: needed to find the tokenizer of a single-file checkpoint")
-    return _tokenizer_at(source)
+        raise ModelLoadError("model.single_file_config: needed to find the configs and tokenizer of a single-file checkpoint")
+    return source
+
+
+def load_tokenizer(config: ModelConfig):
+    """Just the tokenizer: planning needs token positions without loading any network."""
+    return _tokenizer_at(config_source(config))
 
 
 @functools.lru_cache(maxsize=8)
