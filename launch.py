@@ -87,11 +87,13 @@ def command_plan(args: argparse.Namespace) -> int:
 
 
 def command_inspect(args: argparse.Namespace) -> int:
+    from pipeline.lock import RunLock
     from pipeline.rundir import RunDir
 
     rundir = RunDir(args.dir)
     manifest = rundir.manifest()
     summary = rundir.summarise(verify=args.verify)
+    writer = RunLock(rundir.root).live_holder()
     report = {
         "dir": str(args.dir),
         "config_hash": manifest.config_hash,
@@ -105,12 +107,13 @@ def command_inspect(args: argparse.Namespace) -> int:
         "shards_damaged": summary.damaged_shards,
         "verified": args.verify,
         "whole": summary.whole,
+        "being_written_by": writer.describe() if writer else None,
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     state = "whole" if summary.whole else f"partial, {len(summary.pending_shards)} shard(s) pending"
-    print(f"{args.dir}: {state}")
+    print(f"{args.dir}: {state}" + (f"; being written by {writer.describe()}" if writer else ""))
     print(f"  planned {summary.planned_samples} samples in {summary.planned_shards} shards")
     print(f"  written {summary.written}, dropped {summary.dropped}")
     for reason, count in summary.dropped_by_reason.items():

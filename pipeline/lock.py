@@ -101,6 +101,11 @@ class RunLock:
             return True
         return age > self.stale_after_s
 
+    def live_holder(self) -> Holder | None:
+        """The run writing the directory now, if any (for reports; takes nothing)."""
+        current = read_holder(self.path)
+        return current if current is not None and not self.is_stale(current) else None
+
     def acquire(self) -> Holder:
         me = Holder.me()
         for _ in range(20):

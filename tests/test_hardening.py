@@ -137,8 +137,12 @@ def test_a_live_holder_refuses_a_second_run(small, write_config, tmp_path, capsy
         assert run_cli(write_config(small), out) == 2
         err = error_lines(capsys)
         assert len(err) == 1 and f"pid {os.getpid()}" in err[0] and socket.gethostname() in err[0]
+        assert launch.main(["inspect", str(out), "--json"]) == 0
+        assert f"pid {os.getpid()}" in json.loads(capsys.readouterr().out)["being_written_by"]
     finally:
         holder.release()
+    assert launch.main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["being_written_by"] is None
     assert not (out / LOCK_NAME).exists()
     assert run_cli(write_config(small), out) == 0
 
