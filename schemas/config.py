@@ -22,6 +22,9 @@ from pydantic import (
 
 SCHEMA_VERSION = 1
 CONCEPT_FIELD = "concept"
+MAX_CONCEPTS = 3
+# A template's concept slots: {concept}, {concept2}, {concept3}.
+CONCEPT_SLOTS = [CONCEPT_FIELD] + [f"{CONCEPT_FIELD}{n}" for n in range(2, MAX_CONCEPTS + 1)]
 
 
 class ConfigError(ValueError):
@@ -95,8 +98,19 @@ class Template(Section):
     )
 
 
-def _fields_of(text: str) -> set[str]:
+def fields_of(text: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(text) if name}
+
+
+def concept_slots(text: str) -> int:
+    """How many concepts a template names: {concept}, {concept2}, ... counted in order."""
+    fields = fields_of(text)
+    return next((n for n, slot in enumerate(CONCEPT_SLOTS) if slot not in fields), len(CONCEPT_SLOTS))
+
+
+def filler_of(placeholder: str) -> str:
+    """`{colour2}` draws from fillers['colour2'] if given, else from fillers['colour']."""
+    return placeholder.rstrip("0123456789") or placeholder
 
 
 def resolve_input_file(value: str | None, info: ValidationInfo) -> str | None:
@@ -179,7 +193,13 @@ class PromptsConfig(Section):
     )
     templates: list[Template] = Field(
         default_factory=lambda: ["a photo of a {concept}"],
-        description="a plain string is the prompt; a mapping may also give its background prompt",
+        description="a plain string is the prompt; a mapping may also give its background prompt; "
+        "{concept2}, {concept3} make a template for several concepts",
+    )
+    concepts_per_image: int | list[int] = Field(
+        default=1,
+        description="concepts in each image; a list is taken in turns (e.g. [1, 2, 3]); "
+        "each count needs templates with that many concept slots",
     )
     fillers: dict[str, list[str]] = Field(default_factory=dict)
     negative_prompt: str = ""
@@ -220,18 +240,37 @@ class PromptsConfig(Section):
             raise ValueError(f"concepts: give the classes either here or by {source}, not both")
         return loaded
 
+    @property
+    def counts_per_image(self) -> list[int]:
+        return [self.concepts_per_image] if isinstance(self.concepts_per_image, int) else list(self.concepts_per_image)
+
     def _check_templates(self) -> PromptsConfig:
         if not self.templates and not all(c.templates for c in self.concepts):
             raise ValueError("templates: empty, and not every concept has templates of its own")
         for i, template in enumerate(self.templates):
             where = f"templates.{i}"
-            if CONCEPT_FIELD not in _fields_of(template.prompt):
+            slots = concept_slots(template.prompt)
+            if slots == 0:
                 raise ValueError(f"{where}: '{template.prompt}' has no {{concept}} placeholder")
+            stray = fields_of(template.prompt) & set(CONCEPT_SLOTS[slots:])
+            if stray:
+                raise ValueError(f"{where}: '{template.prompt}' uses {{{sorted(stray)[0]}}} without the slots before it")
             self._check_fillers(where, template.prompt, template.background)
+        counts = self.counts_per_image
+        if self.file is None:
+            if not counts or min(counts) < 1 or max(counts) > min(MAX_CONCEPTS, len(self.concepts)):
+                raise ValueError(
+                    f"concepts_per_image: each count must be 1..{min(MAX_CONCEPTS, len(self.concepts))} "
+                    "(at most 3, and no class twice in one image)"
+                )
+            for count in sorted(set(counts)):
+                has = any(concept_slots(t.prompt) == count for t in self.templates)
+                if not has and not (count == 1 and all(c.templates for c in self.concepts)):
+                    raise ValueError(f"concepts_per_image: no template names {count} concept(s) ({{concept}} .. {{concept{count}}})")
         for c, concept in enumerate(self.concepts):
             for t, text in enumerate(concept.templates):
                 where = f"concepts.{c}.templates.{t}"
-                if CONCEPT_FIELD not in _fields_of(text) and find_word(text, concept.words) is None:
+                if CONCEPT_FIELD not in fields_of(text) and find_word(text, concept.words) is None:
                     raise ValueError(
                         f"{where}: concept '{concept.name}' does not occur in '{text}' "
                         "(use {concept}, the name or a synonym)"
@@ -246,7 +285,9 @@ class PromptsConfig(Section):
         for text in texts:
             if text is None:
                 continue
-            missing = _fields_of(text) - {CONCEPT_FIELD} - set(self.fillers)
+            missing = {
+                f for f in fields_of(text) - set(CONCEPT_SLOTS) if f not in self.fillers and filler_of(f) not in self.fillers
+            }
             if missing:
                 raise ValueError(f"{where}: placeholder(s) {sorted(missing)} have no entry in fillers")
         for name, options in self.fillers.items():
@@ -305,11 +346,24 @@ class CaptureConfig(Section):
 
 
 class MaskConfig(Section):
-    threshold: Literal["fixed", "otsu"] = "fixed"
+    threshold: Literal["fixed", "otsu", "gmm", "band"] = Field(
+        default="fixed",
+        description="fixed: tau; otsu: Otsu's threshold per class map; gmm: where a two-component Gaussian "
+        "mixture of the map's values says 'high'; band: class at band_high and above, ignore (255) from "
+        "band_low, background below",
+    )
     tau: float = Field(default=0.4, gt=0.0, lt=1.0)
+    band_low: float = Field(default=0.3, gt=0.0, lt=1.0, description="threshold 'band': below it, background")
+    band_high: float = Field(default=0.6, gt=0.0, lt=1.0, description="threshold 'band': from it, the class")
     open_px: int = Field(default=1, ge=0, description="radius of the opening that removes specks")
     close_px: int = Field(default=2, ge=0, description="radius of the closing that fills pinholes")
     min_area: float = Field(default=0.002, ge=0.0, lt=1.0, description="smallest component kept, as image fraction")
+
+    @model_validator(mode="after")
+    def _band_ordered(self) -> MaskConfig:
+        if self.band_low >= self.band_high:
+            raise ValueError("band_low must be below band_high")
+        return self
 
 
 class RemovalConfig(Section):
@@ -347,6 +401,9 @@ class FilterConfig(Section):
     min_image_std: float = Field(default=2.0, ge=0.0, description="below this (0..255 scale) an image is 'blank'")
     min_removal_delta: float = Field(
         default=3.0, ge=0.0, description="mean Lab change inside the weak mask below which removal 'failed'"
+    )
+    drop_missing_concept: bool = Field(
+        default=True, description="drop a sample whose final mask lacks one of its prompt's concepts"
     )
 
     @model_validator(mode="after")

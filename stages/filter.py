@@ -22,6 +22,8 @@ def drop_reason(image: np.ndarray, finite: bool, quality: dict[str, float], conf
         return "full_mask"
     if quality["components"] > config.max_components:
         return "fragmented"
+    if config.drop_missing_concept and quality.get("missing_concepts", 0) > 0:
+        return "missing_concept"
     return None
 
 

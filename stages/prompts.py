@@ -9,7 +9,16 @@ import numpy as np
 
 from pydantic import ValidationError
 
-from schemas.config import CONCEPT_FIELD, ConceptConfig, PromptLine, PromptsConfig, find_word
+from schemas.config import (
+    CONCEPT_SLOTS,
+    ConceptConfig,
+    PromptLine,
+    PromptsConfig,
+    fields_of,
+    concept_slots,
+    filler_of,
+    find_word,
+)
 from schemas.records import ConceptSpan
 
 Tokenize = Callable[[str], list[int]]  # text -> token ids without BOS/EOS
@@ -79,17 +88,35 @@ class PromptBuilder:
         self.by_class = {c.class_id: c for c in config.concepts}
         self.by_name = {c.name.lower(): c for c in config.concepts}
 
-    def _choices(self, concept_index: int) -> list[tuple[str, str | None, str]]:
-        """(prompt template, background template, where it is configured)."""
+    def _choices(self, concept_index: int, count: int = 1) -> list[tuple[str, str | None, str]]:
+        """(prompt template, background template, where it is configured) naming `count` concepts."""
         concept = self.config.concepts[concept_index]
         own = [(t, None, f"prompts.concepts.{concept_index}.templates.{i}") for i, t in enumerate(concept.templates)]
-        return own + [(t.prompt, t.background, f"prompts.templates.{i}") for i, t in enumerate(self.config.templates)]
+        shared = [
+            (t.prompt, t.background, f"prompts.templates.{i}")
+            for i, t in enumerate(self.config.templates)
+            if concept_slots(t.prompt) == count
+        ]
+        return (own if count == 1 else []) + shared
 
-    def concept_counts(self, samples: int) -> dict[int, int]:
-        """class id -> samples showing that class in a run of `samples`."""
+    def count_of(self, index: int) -> int:
+        counts = self.config.counts_per_image
+        return counts[index % len(counts)]
+
+    def concept_counts(self, samples: int) -> dict[int, float]:
+        """class id -> samples showing that class in a run of `samples`. From templates the
+        first concept takes turns (exact); further concepts are drawn from the other classes,
+        so their part is the expected count."""
         concepts = self.config.concepts
-        if self.lines is None:  # concepts take turns
-            return {c.class_id: samples // len(concepts) + (i < samples % len(concepts)) for i, c in enumerate(concepts)}
+        if self.lines is None:
+            index = np.arange(samples)
+            first = index % len(concepts)
+            extra = np.array(self.config.counts_per_image)[index % len(self.config.counts_per_image)] - 1
+            firsts = np.bincount(first, minlength=len(concepts)).astype(float)
+            extra_of_first = np.bincount(first, weights=extra, minlength=len(concepts))
+            if len(concepts) > 1:
+                firsts += (extra_of_first.sum() - extra_of_first) / (len(concepts) - 1)
+            return {c.class_id: float(round(n, 1)) if n % 1 else int(n) for c, n in zip(concepts, firsts)}
         counts = dict.fromkeys((c.class_id for c in concepts), 0)
         cycles, rest = divmod(samples, len(self.lines))
         for i in range(min(samples, len(self.lines))):
@@ -100,18 +127,31 @@ class PromptBuilder:
     def __call__(self, index: int, rng: np.random.Generator) -> Rendered:
         if self.lines is not None:
             return self.from_line(index % len(self.lines))
-        concept_index = index % len(self.config.concepts)  # turns: see concept_counts
-        concept = self.config.concepts[concept_index]
-        choices = self._choices(concept_index)
+        concepts = self.config.concepts
+        first = index % len(concepts)  # turns: see concept_counts
+        count = self.count_of(index)
+        choices = self._choices(first, count)
         template, background, _ = choices[int(rng.integers(len(choices)))]
         fills = {name: options[int(rng.integers(len(options)))] for name, options in sorted(self.config.fillers.items())}
-        word = concept.words[int(rng.integers(len(concept.words)))]
-        return self._from_template(concept, template, background, fills, word)
+        chosen = [concepts[first]]
+        if count > 1:  # the others from the remaining classes: no class twice in one image
+            others = [c for i, c in enumerate(concepts) if i != first]
+            chosen += [others[int(i)] for i in rng.choice(len(others), size=count - 1, replace=False)]
+            fills |= self._suffixed_fills(template, background, rng)
+        words = [c.words[int(rng.integers(len(c.words)))] for c in chosen]
+        return self._from_template(chosen, template, background, fills, words)
+
+    def _suffixed_fills(self, template: str, background: str | None, rng: np.random.Generator) -> dict[str, str]:
+        """`{colour2}`-style placeholders drawn on their own from their base filler."""
+        fields = fields_of(template) | (fields_of(background) if background else set())
+        names = sorted(f for f in fields - set(CONCEPT_SLOTS) if f not in self.config.fillers)
+        return {name: (options := self.config.fillers[filler_of(name)])[int(rng.integers(len(options)))] for name in names}
 
     def check_all(self) -> None:
         """Every prompt the run can draw is one the model can take, found before any work.
         Templates: each with every concept word and the longest filler options (most tokens,
-        so the concept sits as late as it ever will). A prompts file: every line."""
+        so the concept sits as late as it ever will); templates of several concepts with the
+        longest word of any class in every slot. A prompts file: every line."""
         if self.lines is not None:
             for i in range(len(self.lines)):
                 self.from_line(i)
@@ -120,13 +160,22 @@ class PromptBuilder:
             name: max(options, key=lambda option: len(self.tokenize(option)))
             for name, options in self.config.fillers.items()
         }
-        for concept_index, concept in enumerate(self.config.concepts):
-            for template, background, where in self._choices(concept_index):
-                for word in concept.words:
-                    try:
-                        self._from_template(concept, template, background, longest, word)
-                    except PromptError as error:
-                        raise PromptError(f"{where}: {error}") from None
+        concepts = self.config.concepts
+        longest_word = max((w for c in concepts for w in c.words), key=lambda w: len(self.tokenize(w)))
+        owner = next(c for c in concepts if longest_word in c.words)
+        for count in sorted(set(self.config.counts_per_image)):
+            # one concept: each with its own words; several: the longest word in every slot,
+            # the same whichever concept comes first
+            firsts = enumerate(concepts) if count == 1 else [(0, owner)]
+            for concept_index, concept in firsts:
+                for template, background, where in self._choices(concept_index, count):
+                    fills = longest | {f: longest[filler_of(f)] for f in fields_of(template) - set(CONCEPT_SLOTS)
+                                       if f not in longest}
+                    for word in concept.words if count == 1 else [longest_word]:
+                        try:
+                            self._from_template([concept] * count, template, background, fills, [word] * count)
+                        except PromptError as error:
+                            raise PromptError(f"{where}: {error}") from None
 
     def from_line(self, i: int) -> Rendered:
         number, text = self.lines.read(i)
@@ -157,19 +206,22 @@ class PromptBuilder:
         return self.by_name.get(name_or_id.lower())
 
     def _from_template(
-        self, concept: ConceptConfig, template: str, background: str | None, fills: dict[str, str], word: str
+        self, concepts: list[ConceptConfig], template: str, background: str | None, fills: dict[str, str],
+        words: list[str],
     ) -> Rendered:
-        marker = "\x00"
-        prompt = template.format(**fills, **{CONCEPT_FIELD: marker})
-        if marker in prompt:
-            start = prompt.index(marker)
-            prompt = prompt.replace(marker, word, 1).replace(marker, word)
-            span = (start, start + len(word))
-        else:  # the concept's own template names it literally
-            span = find_word(prompt, concept.words)
+        markers = [chr(1 + n) for n in range(len(concepts))]  # control characters no template holds
+        prompt = template.format(**fills, **dict(zip(CONCEPT_SLOTS, markers)))
+        spans: list[tuple[int, int] | None] = [None] * len(concepts)
+        while any(m in prompt for m in markers):  # left to right, so earlier words shift later spans
+            start, n = min((prompt.index(m), n) for n, m in enumerate(markers) if m in prompt)
+            prompt = prompt[:start] + words[n] + prompt[start + 1 :]
+            if spans[n] is None:
+                spans[n] = (start, start + len(words[n]))
+        if spans[0] is None:  # a concept's own template names it literally
+            spans[0] = find_word(prompt, concepts[0].words)
         if background is not None:
-            background = background.format(**fills, **{CONCEPT_FIELD: ""}).strip()
-        return self._render(prompt, [(concept, span)], background)
+            background = re.sub(r"\s+", " ", background.format(**fills, **dict.fromkeys(CONCEPT_SLOTS, ""))).strip()
+        return self._render(prompt, list(zip(concepts, spans)), background)
 
     def _render(self, prompt: str, found: list[tuple[ConceptConfig, tuple[int, int]]], background: str | None) -> Rendered:
         """Token positions of each concept, the background prompt (every concept word dropped

@@ -10,23 +10,41 @@ from stages.masks import clean, count_components, dilate, erode, lab_distance
 
 
 def refine_mask(
-    image: np.ndarray, background: np.ndarray, weak: np.ndarray, heat: np.ndarray, config: RefineConfig
+    image: np.ndarray,
+    background: np.ndarray,
+    weak: np.ndarray,
+    heat: np.ndarray,
+    config: RefineConfig,
+    class_ids: list[int] | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Final class mask [H, W] (0, class ids, 255) and its quality scores for one sample.
 
-    heat is the sample's normalised maps [C, H, W]; weak its class-index weak mask.
+    heat is the sample's normalised maps [C, H, W] for `class_ids` (in that order; default:
+    the classes of the weak mask, in id order); weak its class-index weak mask (255 there is
+    uncertain foreground). A changed pixel goes to the class whose dilated weak region covers
+    it with the highest heat; the 255 band follows every class outline, so it separates
+    classes from each other as well as from the background.
     """
     delta = lab_distance(image, background)
     weak_fg = weak != BACKGROUND_ID
     changed = clean((delta > config.delta_e) & dilate(weak_fg, config.dilate_px), config.open_px, config.close_px, config.min_area)
 
+    if class_ids is None:
+        class_ids = [int(c) for c in np.unique(weak) if c not in (BACKGROUND_ID, IGNORE_INDEX)]
     mask = np.full(weak.shape, BACKGROUND_ID, dtype=np.uint8)
-    for class_id in np.unique(weak[weak_fg]):
-        mask[changed & dilate(weak == class_id, config.dilate_px) & (mask == BACKGROUND_ID)] = class_id
+    if class_ids:
+        reach = np.stack([dilate(weak == class_id, config.dilate_px) for class_id in class_ids])
+        claim = np.where(reach, heat[: len(class_ids)], -np.inf)
+        winner = claim.argmax(axis=0)
+        taken = changed & reach.any(axis=0)
+        mask[taken] = np.asarray(class_ids, dtype=np.uint8)[winner[taken]]
     foreground = mask != BACKGROUND_ID
 
     if config.ignore_band:
-        band = dilate(foreground, config.boundary_px) & ~erode(foreground, config.boundary_px)
+        band = np.zeros(mask.shape, bool)
+        for class_id in class_ids:
+            region = mask == class_id
+            band |= dilate(region, config.boundary_px) & ~erode(region, config.boundary_px)
         hottest = heat.max(axis=0)
         disagree = (foreground & (hottest < config.disagree_low)) | (~foreground & (hottest > config.disagree_high))
         mask[band | disagree] = IGNORE_INDEX
@@ -39,6 +57,7 @@ def refine_mask(
         "components": float(count_components(foreground)),
         "weak_refined_iou": float(np.logical_and(weak_fg, foreground).sum() / union) if union else 0.0,
         "removal_delta": float(delta[weak_fg].mean()) if weak_fg.any() else 0.0,
+        "missing_concepts": float(sum(not (mask == c).any() for c in class_ids)),
     }
     return mask, quality
 
@@ -51,7 +70,9 @@ class Refine:
 
     def __call__(self, batch: dict) -> dict:
         results = [
-            refine_mask(image, background, weak, heat, self.config)
-            for image, background, weak, heat in zip(batch["image"], batch["background"], batch["weak_mask"], batch["heat"])
+            refine_mask(image, background, weak, heat, self.config, [c.class_id for c in spans])
+            for image, background, weak, heat, spans in zip(
+                batch["image"], batch["background"], batch["weak_mask"], batch["heat"], batch["concepts"]
+            )
         ]
         return {"mask": np.stack([m for m, _ in results]), "quality": [q for _, q in results]}

@@ -1,12 +1,13 @@
-"""Weak mask: the concept heat map normalised, thresholded and cleaned."""
+"""Weak mask: the concepts' heat maps normalised, thresholded, argmax over classes, cleaned."""
 
 from __future__ import annotations
 
 import numpy as np
 from skimage.filters import threshold_otsu
+from sklearn.mixture import GaussianMixture
 
 from schemas.config import MaskConfig
-from schemas.records import BACKGROUND_ID
+from schemas.records import BACKGROUND_ID, IGNORE_INDEX
 from stages.masks import clean
 
 
@@ -17,15 +18,49 @@ def normalise(heat: np.ndarray) -> np.ndarray:
     return np.where(span > 0, (heat - low) / np.where(span > 0, span, 1), 0).astype(np.float32)
 
 
+GMM_SAMPLE = 4096  # map values the mixture is fitted on
+
+
+def gmm_threshold(values: np.ndarray, seed: int = 0) -> float:
+    """The lowest value a two-component Gaussian mixture of `values` gives to the higher
+    component (the concept-distillation FG/BG split); 1.0 when the map has one mode."""
+    flat = values.reshape(-1, 1).astype(np.float64)
+    if np.ptp(flat) == 0:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    fitted = flat[rng.choice(len(flat), size=min(GMM_SAMPLE, len(flat)), replace=False)]
+    mixture = GaussianMixture(n_components=2, random_state=seed).fit(fitted)
+    high = int(np.argmax(mixture.means_[:, 0]))
+    grid = np.linspace(0.0, 1.0, 257).reshape(-1, 1)
+    is_high = mixture.predict_proba(grid)[:, high] >= 0.5
+    above = np.flatnonzero(is_high & (grid[:, 0] >= mixture.means_[1 - high, 0]))
+    return float(grid[above[0], 0]) if len(above) else 1.0
+
+
+def class_threshold(norm: np.ndarray, config: MaskConfig) -> float:
+    if config.threshold == "fixed" or np.ptp(norm) == 0:
+        return config.tau
+    if config.threshold == "otsu":
+        return float(threshold_otsu(norm))
+    if config.threshold == "gmm":
+        return gmm_threshold(norm)
+    return config.band_high
+
+
 def weak_mask(heat: np.ndarray, class_ids: list[int], config: MaskConfig) -> np.ndarray:
-    """Class-index mask [H, W] from one sample's maps [C, H, W]; overlaps go to the hotter concept."""
+    """Class-index mask [H, W] from one sample's maps [C, H, W]: each map normalised on its
+    own, the argmax over classes wins a pixel if its score passes that class's threshold.
+    With the `band` threshold, pixels whose winning score lies in [band_low, band_high) and
+    that no class took are 255 (uncertain)."""
     norm = normalise(heat)
     mask = np.full(heat.shape[1:], BACKGROUND_ID, dtype=np.uint8)
     winner = norm.argmax(axis=0)
     for c, class_id in enumerate(class_ids):
-        tau = config.tau if config.threshold == "fixed" or np.ptp(norm[c]) == 0 else threshold_otsu(norm[c])
-        region = clean(norm[c] >= tau, config.open_px, config.close_px, config.min_area)
+        region = clean(norm[c] >= class_threshold(norm[c], config), config.open_px, config.close_px, config.min_area)
         mask[region & (winner == c)] = class_id
+    if config.threshold == "band":
+        score = norm[: len(class_ids)].max(axis=0)
+        mask[(score >= config.band_low) & (mask == BACKGROUND_ID)] = IGNORE_INDEX
     return mask
 
 
