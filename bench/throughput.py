@@ -112,6 +112,7 @@ class Bench:
             "generation": {"steps": args.steps, "guidance_scale": 7.5, "batch_size": args.batch,
                            "compile": args.compile, "channels_last": args.channels_last},
             "removal": {"steps": args.steps, "guidance_scale": 7.5},
+            "capture": {"self_attention": args.self_attention},
             # keep every sample so all variants do the same work
             "filter": {"min_mask_fraction": 0.0, "max_mask_fraction": 1.0, "max_components": 10**6,
                        "min_image_std": 0.0, "min_removal_delta": 0.0},
@@ -197,7 +198,8 @@ class Bench:
         finally:
             generate.config = saved
         # the accumulators stay in the store until the next batch begins
-        return sum(t.numel() * t.element_size() for t in generate.store.sums.values()), peak
+        held = [*generate.store.sums.values(), *([generate.store.affinity] if generate.store.affinity is not None else [])]
+        return sum(t.numel() * t.element_size() for t in held), peak
 
     def flops_per_sample(self) -> float:
         from torch.utils.flop_counter import FlopCounterMode
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the shared UNet (generation.compile); the warm-up round compiles")
     parser.add_argument("--channels-last", action="store_true", help="UNet in channels-last layout (all variants)")
+    parser.add_argument("--self-attention", action="store_true",
+                        help="capture.self_attention on (c and d): the affinity refinement's cost in c/a")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")

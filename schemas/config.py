@@ -336,6 +336,14 @@ class CaptureConfig(Section):
         description="leave out attention maps this many times smaller than the latent (DAAM drops 8x8 of 64x64)",
     )
     include_mid_block: bool = False
+    self_attention: bool = Field(
+        default=False,
+        description="refine each concept map by self-attention affinity (Dataset Diffusion): map <- A^k map",
+    )
+    self_attention_downscale: int = Field(
+        default=2, ge=1, description="which self-attention layers: those this many times smaller than the latent"
+    )
+    self_attention_power: int = Field(default=4, ge=1, le=16, description="k in A^k")
 
     @field_validator("steps")
     @classmethod

@@ -4,6 +4,10 @@ Each cross-attention layer still computes its output with scaled_dot_product_att
 when a step is captured it also takes, for the conditional half of the guidance batch
 only, the softmax probabilities of the concept tokens' columns and adds them in place to
 one fp32 accumulator per layer. Nothing per step is stored, and nothing syncs to the host.
+
+Optionally (Dataset Diffusion's refinement) the self-attention layers at one resolution add
+their head-mean attention probabilities [N, N] to one more accumulator, the affinity A; the
+concept maps are then refined as A^k times the map at that resolution.
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ class ConceptAttentionStore:
         self.step = 0
         self.active = False
         self._wanted_steps = None if config.steps is None else set(config.steps)
+        self.affinity: torch.Tensor | None = None  # [B, N, N]: head-mean self-attention, summed
+        self.affinity_terms = 0
 
     def begin(self, token_index: torch.Tensor, latent_hw: tuple[int, int]) -> None:
         """Start a batch: token_index is [B, T] positions into the prompt tokens (padding repeats one)."""
         self.sums = {}
+        self.affinity, self.affinity_terms = None, 0
         self.token_index = token_index
         self.latent_hw = latent_hw
         self._set_step(0)
@@ -56,6 +63,35 @@ class ConceptAttentionStore:
             return False
         downscale = round(math.sqrt(self.latent_hw[0] * self.latent_hw[1] / query_tokens))
         return downscale not in self.config.skip_downscales
+
+    def wants_self(self, query_tokens: int) -> bool:
+        if not (self.config.self_attention and self.active and self.token_index is not None):
+            return False
+        return round(math.sqrt(self.latent_hw[0] * self.latent_hw[1] / query_tokens)) == self.config.self_attention_downscale
+
+    def add_self(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        """query, key [2B or B, heads, N, d] of a self-attention layer: add the conditional
+        half's head-mean attention probabilities."""
+        batch = self.token_index.shape[0]
+        query, key = query[-batch:], key[-batch:]
+        probs = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale).softmax(dim=-1).mean(dim=1)
+        if self.affinity is None:
+            self.affinity = probs
+        else:
+            self.affinity.add_(probs)
+        self.affinity_terms += 1
+
+    def refine(self, maps: torch.Tensor) -> torch.Tensor:
+        """maps [B, C, h, w] at latent size -> A^k maps, A the mean affinity (rows sum to 1)."""
+        height, width = self.latent_hw
+        side = self.config.self_attention_downscale
+        rows, cols = height // side, width // side
+        affinity = self.affinity / self.affinity_terms
+        flat = F.interpolate(maps, size=(rows, cols), mode="area").flatten(2)  # [B, C, N]
+        for _ in range(self.config.self_attention_power):
+            flat = torch.einsum("bij,bcj->bci", affinity, flat)
+        grid = flat.view(*maps.shape[:2], rows, cols)
+        return F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False).clamp_(min=0)
 
     def add(self, layer: str, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         """query [2B or B, heads, N, d], key [2B or B, heads, L, d]: add this step's concept probabilities."""
@@ -92,11 +128,20 @@ class ConceptAttentionStore:
             total = layer_sum if total is None else total.add_(layer_sum)
             heads_seen += heads
         per_token = total / heads_seen
-        return torch.einsum("bct,bthw->bchw", token_weights.to(per_token), per_token)
+        maps = torch.einsum("bct,bthw->bchw", token_weights.to(per_token), per_token)
+        if self.config.self_attention:
+            if self.affinity is None:
+                raise RuntimeError(
+                    "no self-attention was captured: no layer at capture.self_attention_downscale "
+                    f"{self.config.self_attention_downscale} of the latent"
+                )
+            maps = self.refine(maps)
+        return maps
 
 
 class CapturingAttnProcessor(AttnProcessor2_0):
-    """SDPA attention that also hands the concept columns of cross-attention to the store."""
+    """SDPA attention that also hands the concept columns of cross-attention (or, on a
+    self-attention layer, its affinity) to the store."""
 
     def __init__(self, store: ConceptAttentionStore, layer: str):
         super().__init__()
@@ -113,18 +158,22 @@ class CapturingAttnProcessor(AttnProcessor2_0):
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        if encoder_hidden_states is None or attn.spatial_norm is not None or attn.group_norm is not None:
+        is_cross = encoder_hidden_states is not None
+        tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
+        if attn.spatial_norm is not None or attn.group_norm is not None or not (is_cross or self.store.wants_self(tokens)):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
         input_ndim = hidden_states.ndim
         if input_ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if not is_cross:
+            encoder_hidden_states = hidden_states
         batch, _, _ = encoder_hidden_states.shape
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.norm_cross:
+        if is_cross and attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
         query = attn.to_q(hidden_states)
@@ -139,8 +188,10 @@ class CapturingAttnProcessor(AttnProcessor2_0):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if attention_mask is None and self.store.wants(self.layer, query.shape[2]):
+        if attention_mask is None and is_cross and self.store.wants(self.layer, query.shape[2]):
             self.store.add(self.layer, query, key, attn.scale)
+        elif attention_mask is None and not is_cross:
+            self.store.add_self(query, key, attn.scale)
 
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
@@ -153,11 +204,13 @@ class CapturingAttnProcessor(AttnProcessor2_0):
 
 
 def install_capture(unet, config: CaptureConfig) -> ConceptAttentionStore:
-    """Put capturing processors on every cross-attention layer (attn2), plain SDPA elsewhere."""
+    """Put capturing processors on every cross-attention layer (attn2), and on self-attention
+    (attn1) when it refines the maps; plain SDPA elsewhere."""
     store = ConceptAttentionStore(config)
+    captured = ("attn2", "attn1") if config.self_attention else ("attn2",)
     processors = {}
     for name in unet.attn_processors:
         layer = name.removesuffix(".processor")
-        processors[name] = CapturingAttnProcessor(store, layer) if layer.endswith("attn2") else AttnProcessor2_0()
+        processors[name] = CapturingAttnProcessor(store, layer) if layer.endswith(captured) else AttnProcessor2_0()
     unet.set_attn_processor(processors)
     return store

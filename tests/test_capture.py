@@ -166,3 +166,55 @@ def test_unet_runtime_options_capture_the_same(runtime, config_dict, write_confi
         np.testing.assert_allclose(other["heatmap"], plain["heatmap"], rtol=1e-4, atol=1e-5)
         for field in ("image", "background"):
             assert np.abs(other[field].astype(int) - plain[field]).max() <= 1, field
+
+
+class StoringSelfProcessor(StoringProcessor):
+    """Also keeps every self-attention call's full probabilities."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **k):
+        if encoder_hidden_states is None:
+            query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            key = attn.head_to_batch_dim(attn.to_k(hidden_states))
+            probs = attn.get_attention_scores(query, key, None)  # [batch*heads, N, N]
+            self.log.append((self.layer + ":self", probs.view(-1, attn.heads, *probs.shape[1:]).clone()))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def test_self_attention_refinement_equals_slow_reference(pipe):
+    """A^k map with A the head-mean self-attention at one resolution, summed over every step
+    and layer, the slow way: every call's probabilities stored, then averaged and applied."""
+    capture = CaptureConfig(self_attention=True, self_attention_downscale=2, self_attention_power=3)
+    batch = _batch(pipe)
+    latent = TEST_IMAGE_SIZE // pipe.vae_scale_factor
+    _, log = _generate_plain(pipe, batch, lambda layer, log: StoringSelfProcessor(layer, log))
+    cross_log = [(layer, probs) for layer, probs in log if not layer.endswith(":self")]
+    cross = reference_heatmaps(cross_log, 2, batch["concepts"], latent, set(range(STEPS)), False, [8])
+    side = latent // 2
+    terms = [p[-2:].mean(dim=1) for layer, p in log if layer.endswith(":self") and p.shape[-1] == side * side]
+    assert len(terms) >= STEPS
+    affinity = (torch.stack(terms).sum(0) / len(terms)).double()  # [B, N, N]
+    expected = np.zeros_like(cross)
+    for b in range(2):
+        small = F.interpolate(torch.from_numpy(cross[b : b + 1]), size=(side, side), mode="area").reshape(-1)
+        for _ in range(3):
+            small = affinity[b] @ small
+        up = F.interpolate(small.reshape(1, 1, side, side), size=(latent, latent), mode="bicubic", align_corners=False)
+        expected[b] = up.clamp(min=0)[0].numpy()
+
+    generate = Generate(pipe, GenerationConfig(steps=STEPS, guidance_scale=5.0), capture)
+    out = generate(batch)
+    _, weights = token_slots(batch["concepts"])
+    captured = generate.store.heatmaps(weights).numpy()
+    np.testing.assert_allclose(captured, expected, rtol=5e-3, atol=1e-6)
+    assert not np.allclose(captured, cross)  # the refinement did something
+
+    # the image is the one plain SDPA draws, and the store does not grow with steps
+    plain, _ = _generate_plain(pipe, batch, lambda layer, log: AttnProcessor2_0())
+    decoded = pipe.vae.decode(plain / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    np.testing.assert_array_equal(out["image"], to_uint8(decoded))
+    sizes = []
+    for steps in (2, 6):
+        longer = Generate(pipe, GenerationConfig(steps=steps, guidance_scale=5.0), capture)
+        longer(batch)
+        sizes.append(longer.store.affinity.numel() + sum(t.numel() for t in longer.store.sums.values()))
+    assert sizes[0] == sizes[1] == 2 * side**4 + sum(t.numel() for t in generate.store.sums.values())
