@@ -6,17 +6,21 @@ Runs maskmint's own stages in this process (generate with capture, weak mask, re
 refine, filter) on the config's toy-world prompts ("a red circle on a striped gray
 background") and scores every sample against truth taken from the world's rules:
 
-- Truth mask of a generated image: the pixels of the requested colour. Backgrounds in the
+- Truth mask of each concept of a generated image: the pixels of the colour the prompt puts
+  right before the concept's word ("a red circle and a blue square"). Backgrounds in the
   toy world are achromatic and objects are saturated, so a pixel is object exactly when its
   HSV saturation >= 110 and value >= 70 (`bench.toyworld.object_pixels`), and it is the
   requested object when its hue is within 12 (OpenCV 0..179 scale) of the colour's hue
   (`colour_pixels`). Only the largest connected blob counts, so a stray speck of colour
   elsewhere is not 'object'.
-- Prompt fidelity: that blob exists (>= 1% of the image) and its fill ratio (area over
-  bounding box) is closest to the requested shape's (square 1.0, circle 0.79, triangle 0.5).
-- weak IoU: weak mask (any class) vs truth. refined IoU: final mask == the class vs truth,
-  with the 255 band left out of both (scored separately as `band share`, the share of the
-  image's pixels marked 255).
+- Prompt fidelity: every concept's blob exists (>= 1% of the image) and its fill ratio (area
+  over bounding box) is closest to the requested shape's (square 1.0, circle 0.79, triangle 0.5).
+- weak IoU: weak mask == the class vs that concept's truth (255 of the `band` threshold left
+  out); refined IoU: final mask == the class vs truth, with the 255 band left out of both
+  (scored separately as `band share`, the share of the image's pixels marked 255); a
+  sample's figure is the mean over its concepts. mIoU: per class the mean over samples
+  showing it, then the mean over classes. Class confusion: the share of truth object pixels
+  labelled as another class.
 - removal: share of the removed region's pixels (the dilated weak mask that was
   inpainted) that are still object-coloured (any object colour) in the background.
   `psnr ring`: background vs image inside the removed region but outside the truth object,
@@ -77,33 +81,51 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
     return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def requested(prompt: str) -> str:
-    colours = [word for word in prompt.split() if word in COLORS]
-    if len(colours) != 1:
-        raise ValueError(f"toy-world prompts name one colour: {prompt!r}")
-    return colours[0]
+def colour_of(prompt: str, span) -> str:
+    """The colour word right before a concept ("a red circle"): which pixels are that object."""
+    words = prompt[: span.char_span[0]].split()
+    if not words or words[-1] not in COLORS:
+        raise ValueError(f"toy-world prompts put a colour before each shape: {prompt!r}")
+    return words[-1]
 
 
 def score_sample(batch: dict, i: int, removal_dilate: int) -> dict:
-    image, background = batch["image"][i], batch["background"][i]
-    concept = batch["concepts"][i][0]
-    colour = requested(batch["prompt"][i])
-    truth = largest_blob(colour_pixels(image, colour))
-    area = truth.mean()
-    faithful = bool(area >= MIN_BLOB and concept.name in FILL_RATIOS and closest_shape(truth) == concept.name)
-    weak = batch["weak_mask"][i] > 0
-    mask = batch["mask"][i]
+    """Scores of one sample with one or more concepts; per class where it applies."""
+    image, background, prompt = batch["image"][i], batch["background"][i], batch["prompt"][i]
+    spans = batch["concepts"][i]
+    truths = {}
+    faithful = True
+    for span in spans:
+        truth = largest_blob(colour_pixels(image, colour_of(prompt, span)))
+        faithful &= bool(truth.mean() >= MIN_BLOB and span.name in FILL_RATIOS and closest_shape(truth) == span.name)
+        truths[span.class_id] = truth
+    objects = np.logical_or.reduce(list(truths.values()))
+    weak, mask = batch["weak_mask"][i], batch["mask"][i]
     band = mask == IGNORE_INDEX
-    removed = cv2.dilate(weak.astype(np.uint8), np.ones((2 * removal_dilate + 1,) * 2, np.uint8)) > 0
+    weak_valid = weak != IGNORE_INDEX  # the `band` threshold's uncertain pixels are not scored
+    removed = cv2.dilate((weak != 0).astype(np.uint8), np.ones((2 * removal_dilate + 1,) * 2, np.uint8)) > 0
     left = object_pixels(background) & removed
-    ring = removed & ~cv2.dilate(truth.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    ring = removed & ~cv2.dilate(objects.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    per_class = {
+        c: {"weak": iou(weak == c, truth, valid=weak_valid), "refined": iou(mask == c, truth, valid=~band)}
+        for c, truth in truths.items()
+    } if faithful else {}
+
+    def confused(labels: np.ndarray) -> float:
+        wrong = sum((truth & (labels != c) & (labels != 0) & (labels != IGNORE_INDEX)).sum() for c, truth in truths.items())
+        return float(wrong / objects.sum())
+
     return {
         "key": batch["key"][i],
-        "prompt": batch["prompt"][i],
+        "prompt": prompt,
+        "concepts": len(spans),
         "faithful": faithful,
-        "truth_area": round(float(area), 4),
-        "weak_iou": iou(weak, truth) if faithful else None,
-        "refined_iou": iou(mask == concept.class_id, truth, valid=~band) if faithful else None,
+        "truth_area": round(float(objects.mean()), 4),
+        "weak_iou": mean(v["weak"] for v in per_class.values()) if faithful else None,
+        "refined_iou": mean(v["refined"] for v in per_class.values()) if faithful else None,
+        "per_class": {str(c): v for c, v in per_class.items()},
+        "weak_confusion": confused(weak) if faithful else None,
+        "confusion": confused(mask) if faithful else None,
         "band_share": float(band.mean()),
         "object_left": float(left.sum() / removed.sum()) if removed.any() else None,
         "psnr_ring": psnr(background, image, ring),
@@ -117,6 +139,15 @@ def mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def class_mean(scores: list[dict], stage: str) -> float | None:
+    """mIoU: per class the mean IoU over the faithful samples showing it, then the mean over classes."""
+    by_class = defaultdict(list)
+    for s in scores:
+        for c, values in s["per_class"].items():
+            by_class[c].append(values[stage])
+    return mean(mean(v) for v in by_class.values())
+
+
 def summarise(scores: list[dict]) -> dict:
     faithful = [s for s in scores if s["faithful"]]
     return {
@@ -125,6 +156,10 @@ def summarise(scores: list[dict]) -> dict:
         "weak_iou": mean(s["weak_iou"] for s in faithful),
         "refined_iou": mean(s["refined_iou"] for s in faithful),
         "refined_iou_kept": mean(s["refined_iou"] for s in faithful if s["kept"]),
+        "weak_miou": class_mean(faithful, "weak"),
+        "refined_miou": class_mean(faithful, "refined"),
+        "weak_confusion": mean(s["weak_confusion"] for s in faithful),
+        "confusion": mean(s["confusion"] for s in faithful),
         "band_share": mean(s["band_share"] for s in scores),
         "object_left": mean(s["object_left"] for s in scores),
         "psnr_ring": mean(s["psnr_ring"] for s in scores),
@@ -155,6 +190,10 @@ ROWS = [
     ("weak-mask IoU", "weak_iou", "{:.3f}", ">= 0.80"),
     ("refined-mask IoU", "refined_iou", "{:.3f}", ">= 0.90"),
     ("refined IoU, kept samples", "refined_iou_kept", "{:.3f}", ""),
+    ("weak-mask mIoU (over classes)", "weak_miou", "{:.3f}", ""),
+    ("final-mask mIoU (over classes)", "refined_miou", "{:.3f}", ""),
+    ("class confusion, weak (share of object pixels)", "weak_confusion", "{:.2%}", ""),
+    ("class confusion, final", "confusion", "{:.2%}", "< 1%"),
     ("255-band share of pixels", "band_share", "{:.2%}", ""),
     ("object colour left in removed region", "object_left", "{:.2%}", "< 2%"),
     ("PSNR around the object (dB)", "psnr_ring", "{:.1f}", ""),

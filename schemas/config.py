@@ -109,7 +109,8 @@ def concept_slots(text: str) -> int:
 
 
 def filler_of(placeholder: str) -> str:
-    """`{colour2}` draws from fillers['colour2'] if given, else from fillers['colour']."""
+    """`{colour2}` draws from fillers['colour2'] if given, else from fillers['colour'] (a value
+    other than the one `{colour}` got, while there are others)."""
     return placeholder.rstrip("0123456789") or placeholder
 
 

@@ -137,43 +137,60 @@ class PromptBuilder:
         if count > 1:  # the others from the remaining classes: no class twice in one image
             others = [c for i, c in enumerate(concepts) if i != first]
             chosen += [others[int(i)] for i in rng.choice(len(others), size=count - 1, replace=False)]
-            fills |= self._suffixed_fills(template, background, rng)
+            fills |= self._suffixed_fills(template, background, fills, rng)
         words = [c.words[int(rng.integers(len(c.words)))] for c in chosen]
         return self._from_template(chosen, template, background, fills, words)
 
-    def _suffixed_fills(self, template: str, background: str | None, rng: np.random.Generator) -> dict[str, str]:
-        """`{colour2}`-style placeholders drawn on their own from their base filler."""
+    def _suffixed_fills(
+        self, template: str, background: str | None, fills: dict[str, str], rng: np.random.Generator
+    ) -> dict[str, str]:
+        """`{colour2}`-style placeholders drawn on their own from their base filler, avoiding
+        the values already drawn for it when others are left ("a red dog and a blue cat")."""
         fields = fields_of(template) | (fields_of(background) if background else set())
-        names = sorted(f for f in fields - set(CONCEPT_SLOTS) if f not in self.config.fillers)
-        return {name: (options := self.config.fillers[filler_of(name)])[int(rng.integers(len(options)))] for name in names}
+        drawn: dict[str, str] = {}
+        for name in sorted(f for f in fields - set(CONCEPT_SLOTS) if f not in self.config.fillers):
+            base = filler_of(name)
+            taken = {fills.get(base), *(v for k, v in drawn.items() if filler_of(k) == base)}
+            options = [o for o in self.config.fillers[base] if o not in taken] or self.config.fillers[base]
+            drawn[name] = options[int(rng.integers(len(options)))]
+        return drawn
 
     def check_all(self) -> None:
         """Every prompt the run can draw is one the model can take, found before any work.
         Templates: each with every concept word and the longest filler options (most tokens,
         so the concept sits as late as it ever will); templates of several concepts with the
-        longest word of any class in every slot. A prompts file: every line."""
+        longest words of distinct classes, longest first, and suffixed fillers drawn apart.
+        A prompts file: every line."""
         if self.lines is not None:
             for i in range(len(self.lines)):
                 self.from_line(i)
             return
-        longest = {
-            name: max(options, key=lambda option: len(self.tokenize(option)))
-            for name, options in self.config.fillers.items()
-        }
+
+        def by_length(words):
+            return sorted(words, key=lambda w: -len(self.tokenize(w)))
+
+        fillers = {name: by_length(options) for name, options in self.config.fillers.items()}
+        longest = {name: options[0] for name, options in fillers.items()}
         concepts = self.config.concepts
-        longest_word = max((w for c in concepts for w in c.words), key=lambda w: len(self.tokenize(w)))
-        owner = next(c for c in concepts if longest_word in c.words)
+        # several concepts: each slot the longest word of another class, longest first, so
+        # every slot sits as late as it can; suffixed fillers the next-longest values
+        ranked = sorted(((by_length(c.words)[0], c) for c in concepts), key=lambda wc: -len(self.tokenize(wc[0])))
         for count in sorted(set(self.config.counts_per_image)):
-            # one concept: each with its own words; several: the longest word in every slot,
-            # the same whichever concept comes first
-            firsts = enumerate(concepts) if count == 1 else [(0, owner)]
+            firsts = enumerate(concepts) if count == 1 else [(0, ranked[0][1])]
             for concept_index, concept in firsts:
                 for template, background, where in self._choices(concept_index, count):
-                    fills = longest | {f: longest[filler_of(f)] for f in fields_of(template) - set(CONCEPT_SLOTS)
-                                       if f not in longest}
-                    for word in concept.words if count == 1 else [longest_word]:
+                    fills = dict(longest)
+                    for field in sorted(fields_of(template) - set(CONCEPT_SLOTS) - set(longest)):
+                        options = fillers[filler_of(field)]
+                        used = sum(1 for f in fills if filler_of(f) == filler_of(field))
+                        fills[field] = options[min(used, len(options) - 1)]
+                    if count == 1:
+                        tries = [([concept], [word]) for word in concept.words]
+                    else:
+                        tries = [([c for _, c in ranked[:count]], [w for w, _ in ranked[:count]])]
+                    for chosen, words in tries:
                         try:
-                            self._from_template([concept] * count, template, background, fills, [word] * count)
+                            self._from_template(chosen, template, background, fills, words)
                         except PromptError as error:
                             raise PromptError(f"{where}: {error}") from None
 
