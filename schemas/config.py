@@ -47,15 +47,21 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
-def resolve_model_location(value: str | None, info: ValidationInfo) -> str | None:
-    if value is None:
-        return None
+def _find(value: str, info: ValidationInfo, accept) -> str | None:
+    """`value` as an absolute path: itself if absolute, else against the config file's folder,
+    then the working directory; None when no candidate passes `accept`."""
     base = Path((info.context or {}).get("base_dir", "."))
     expanded = Path(value).expanduser()
     candidates = [expanded] if expanded.is_absolute() else [base / expanded, Path.cwd() / expanded]
-    for candidate in candidates:
-        if candidate.exists():
-            return str(candidate.resolve())
+    return next((str(c.resolve()) for c in candidates if accept(c)), None)
+
+
+def resolve_model_location(value: str | None, info: ValidationInfo) -> str | None:
+    if value is None:
+        return None
+    found = _find(value, info, Path.exists)
+    if found is not None:
+        return found
     if _looks_like_path(value):
         raise ValueError(f"'{value}' does not exist (relative paths are resolved against the config file's folder)")
     return value  # a hub id
@@ -119,12 +125,9 @@ def resolve_input_file(value: str | None, info: ValidationInfo) -> str | None:
     directory); it must exist."""
     if value is None:
         return None
-    base = Path((info.context or {}).get("base_dir", "."))
-    expanded = Path(value).expanduser()
-    candidates = [expanded] if expanded.is_absolute() else [base / expanded, Path.cwd() / expanded]
-    for candidate in candidates:
-        if candidate.is_file():
-            return str(candidate.resolve())
+    found = _find(value, info, Path.is_file)
+    if found is not None:
+        return found
     raise ValueError(f"'{value}' is not a file (relative paths are resolved against the config file's folder)")
 
 
