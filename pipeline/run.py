@@ -79,7 +79,8 @@ def _run_locked(config: RunConfig, rundir: RunDir, digest: str, token: str, show
             finally:
                 progress.close()
     finally:
-        scan = rundir.scan()
+        if pending:  # what is on disk changed
+            scan = rundir.scan()
         summary = rundir.write_summary(failed, scan)
         write_card_safely(rundir.root, summary, list(scan.complete.values()))
     return summary
