@@ -147,10 +147,26 @@ def test_presets_carry_the_benchmarks_ids(config_dict):
         parse_config(data)
 
 
-def test_one_line_configs_shipped_run(tmp_path, capsys):
-    """configs/jsonl.yaml: a class file and a JSONL of prompts on the embedded model."""
+def test_one_line_configs_shipped_run(tmp_path, capsys, write_config):
+    """configs/jsonl.yaml: a class file and a JSONL of prompts on the embedded model, planned
+    and run (fewer samples, in process)."""
+    import yaml
+
     report = plan_json(capsys, REPO / "configs" / "jsonl.yaml")
     assert report["classes"] == {"circle": 8, "square": 8, "triangle": 8}
+    data = yaml.safe_load((REPO / "configs" / "jsonl.yaml").read_text())
+    for key in ("path",):
+        data["model"][key] = str((REPO / "configs" / data["model"][key]).resolve())
+    for key in ("concepts_file", "file"):
+        data["prompts"][key] = str((REPO / "configs" / data["prompts"][key]).resolve())
+    data["output"] = {"samples": 8, "shard_size": 8}
+    data["execution"] = {"executor": "local"}
+    out = tmp_path / "run"
+    assert launch.main(["run", "--config", str(write_config(data)), "--out", str(out), "--quiet"]) == 0
+    stats = RunDir(out).shard_stats()[0]
+    lines = [json.loads(line) for line in (REPO / "configs" / "toy-prompts.jsonl").read_text().splitlines()]
+    names = {1: "circle", 2: "square", 3: "triangle"}
+    assert [names[c] for k in sorted(stats.classes) for c in stats.classes[k]] == [line["concepts"][0] for line in lines[:8]]
 
 
 def test_plan_counts_and_cost_against_a_counted_run(config_dict, write_config, capsys, tmp_path):
