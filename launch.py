@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 USER_ERROR = 2
+EXECUTION_FLAGS = ("executor", "address", "workers")  # `run` flags that override config.execution
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -26,7 +27,7 @@ def command_run(args: argparse.Namespace) -> int:
     from schemas.config import load_config
 
     config = load_config(args.config)
-    overrides = {k: getattr(args, k) for k in ("executor", "address", "workers") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in EXECUTION_FLAGS if getattr(args, k) is not None}
     if overrides:
         config = config.with_execution(**overrides)
     summary = run(config, args.out, show_progress=not args.quiet)
@@ -45,18 +46,17 @@ def command_run(args: argparse.Namespace) -> int:
 def retry_command(args: argparse.Namespace) -> str:
     """The same command, with the execution flags it was given."""
     words = ["python", "launch.py", "run", "--config", str(args.config), "--out", str(args.out)]
-    for flag in ("executor", "address", "workers"):
-        if getattr(args, flag):
+    for flag in EXECUTION_FLAGS:
+        if getattr(args, flag) is not None:
             words += [f"--{flag}", str(getattr(args, flag))]
     return shlex.join(words)
 
 
 def command_plan(args: argparse.Namespace) -> int:
+    from pipeline.cost import estimate
     from pipeline.plan import Plan, plan_report
     from schemas.config import load_config
     from stages.models import load_tokenizer
-
-    from pipeline.cost import estimate
 
     config = load_config(args.config)
     plan = Plan(config, load_tokenizer(config.model))
