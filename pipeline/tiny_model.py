@@ -184,3 +184,73 @@ def build_tiny_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_tiny_sdxl_pipeline(
+    seed: int = 0,
+    image_size: int = 32,
+    unet_channels: tuple[int, ...] = (32, 64),
+    vae_channels: tuple[int, ...] = (32, 64),
+    text_dim: int = 32,
+    heads: int = 2,
+    words=DEFAULT_WORDS,
+    max_length: int = 77,
+):
+    """A randomly initialised StableDiffusionXLPipeline: two CLIP encoders (the second with a
+    projection, for the pooled embedding), their states concatenated for cross-attention,
+    and the UNet's size/crop micro-conditioning, as SDXL has them."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tokenizer(words, max_length), build_tokenizer(words, max_length)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=text_dim * 2, num_hidden_layers=2,
+        num_attention_heads=heads, max_position_embeddings=max_length, projection_dim=text_dim,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        norm_num_groups=min(32, vae_channels[0]), sample_size=image_size,
+    )
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2 ** (len(vae_channels) - 1), in_channels=4, out_channels=4,
+        block_out_channels=unet_channels, layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * len(unet_channels),
+        up_block_types=("CrossAttnUpBlock2D",) * len(unet_channels),
+        cross_attention_dim=2 * text_dim, attention_head_dim=heads, use_linear_projection=True,
+        norm_num_groups=min(32, unet_channels[0]),
+        # deeper levels hold more transformer layers, as in SDXL (there: 0, 2, 10)
+        transformer_layers_per_block=tuple(range(1, len(unet_channels) + 1)),
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text_dim,  # 6 size/crop numbers + pooled text
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=sd_ddim_scheduler(),
+        force_zeros_for_empty_prompt=False, add_watermarker=False,
+    )
+
+
+BUILDERS = {"sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random-init pipeline folder of a model family.")
+    parser.add_argument("--family", choices=sorted(BUILDERS), default="sd")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write (save_pretrained layout)")
+    parser.add_argument("--size", type=int, default=32, help="native image size (default 32)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    BUILDERS[args.family](seed=args.seed, image_size=args.size).save_pretrained(args.out)
+    print(f"{args.out}: a tiny {args.family} pipeline, {args.size} px")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -77,6 +77,10 @@ class ModelConfig(Section):
         default=None,
         description="diffusers folder or hub id holding the configs for a single-file checkpoint",
     )
+    family: Literal["auto", "sd", "sdxl"] = Field(
+        default="auto",
+        description="sd (1.x/2.x) or sdxl; auto reads model_index.json's class (or a single file's tensor names)",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field(default="auto", description="'auto' picks cuda when present, else cpu")
 
@@ -340,6 +344,11 @@ class CaptureConfig(Section):
         description="leave out attention maps this many times smaller than the latent (DAAM drops 8x8 of 64x64)",
     )
     include_mid_block: bool = False
+    weighting: Literal["per_map", "per_resolution"] = Field(
+        default="per_map",
+        description="per_map: every layer's and head's map counts once (DAAM); per_resolution: each resolution "
+        "counts once (SDXL has many more 32x32 layers than 64x64 ones)",
+    )
     self_attention: bool = Field(
         default=False,
         description="refine each concept map by self-attention affinity (Dataset Diffusion): map <- A^k map",

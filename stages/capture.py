@@ -111,13 +111,14 @@ class ConceptAttentionStore:
         """Per-concept maps [B, C, h, w] at latent size.
 
         Every head's step-summed map is upsampled bicubically and clamped at 0, heads and
-        layers are averaged, and token_weights [B, C, T] (rows summing to 1) average a
-        word's tokens.
+        layers are averaged (every map alike, or each resolution alike: `weighting`), and
+        token_weights [B, C, T] (rows summing to 1) average a word's tokens.
         """
         if not self.sums:
             raise RuntimeError("no attention was captured: check capture.steps and capture.skip_downscales")
         height, width = self.latent_hw
-        total, heads_seen = None, 0
+        totals: dict[int, torch.Tensor] = {}  # query tokens (resolution) -> sum over its layers and heads
+        heads_seen: dict[int, int] = {}
         for probs in self.sums.values():
             batch, heads, tokens, slots = probs.shape
             downscale = math.sqrt(height * width / tokens)
@@ -125,9 +126,12 @@ class ConceptAttentionStore:
             grid = probs.permute(0, 1, 3, 2).reshape(batch, heads * slots, rows, tokens // rows)
             up = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False).clamp_(min=0)
             layer_sum = up.view(batch, heads, slots, height, width).sum(dim=1)
-            total = layer_sum if total is None else total.add_(layer_sum)
-            heads_seen += heads
-        per_token = total / heads_seen
+            totals[tokens] = layer_sum if tokens not in totals else totals[tokens].add_(layer_sum)
+            heads_seen[tokens] = heads_seen.get(tokens, 0) + heads
+        if self.config.weighting == "per_map":  # every (layer, head) map counts once (DAAM)
+            per_token = sum(totals.values()) / sum(heads_seen.values())
+        else:  # each resolution counts once, however many layers it has
+            per_token = sum(totals[t] / heads_seen[t] for t in totals) / len(totals)
         maps = torch.einsum("bct,bthw->bchw", token_weights.to(per_token), per_token)
         if self.config.self_attention:
             if self.affinity is None:

@@ -41,6 +41,19 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1]; a VAE that overflows in fp16 (SDXL's, `force_upcast`)
+    decodes in fp32, as diffusers' own pipelines do."""
+    scaled = latents / vae.config.scaling_factor
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)
+        try:
+            return vae.decode(scaled.float(), return_dict=False)[0]
+        finally:
+            vae.to(torch.float16)
+    return vae.decode(scaled, return_dict=False)[0]
+
+
 class Generate:
     """Batch stage: prompts -> `image` uint8 [B,H,W,3], `heatmap` float32 [B,C,H,W], `finite` bools,
     and `latents` (scaled, on the model's device) so removal need not encode the image again."""
@@ -80,7 +93,7 @@ class Generate:
         finally:
             self.store.end()
         heat = F.interpolate(heat, size=(self.height, self.width), mode="bicubic", align_corners=False).clamp_(min=0)
-        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        decoded = decode(pipe.vae, latents)
         finite = torch.isfinite(decoded).flatten(1).all(dim=1) & torch.isfinite(heat).flatten(1).all(dim=1)
         return {
             "image": to_uint8(decoded),

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from schemas.config import ModelConfig
+from stages.families import Family, UnsupportedModel, resolve_family
 
 
 class ModelLoadError(RuntimeError):
@@ -84,25 +85,29 @@ def model_fingerprint(config: ModelConfig) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_text_to_image(config: ModelConfig, device: torch.device, dtype: torch.dtype):
-    """A StableDiffusionPipeline on `device`, safety checker off, progress bars off."""
-    from diffusers import StableDiffusionPipeline
+def family_of(config: ModelConfig) -> Family:
+    try:
+        return resolve_family(config)
+    except UnsupportedModel as error:
+        raise ModelLoadError(str(error)) from None
 
+
+def load_text_to_image(config: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """The family's text-to-image pipeline on `device`, progress bars off, nothing fetched
+    that the family does not need (safety checker, watermarker)."""
+    import diffusers
+
+    family = family_of(config)
+    pipeline_class = getattr(diffusers, family.text_to_image)
     quiet_libraries()
     try:
         if _is_single_file(config.path):
-            pipe = StableDiffusionPipeline.from_single_file(
-                config.path,
-                config=config.single_file_config,
-                dtype=dtype,
-                safety_checker=None,
-                feature_extractor=None,  # only the safety checker reads it; else fetched from the hub
-                requires_safety_checker=False,
+            pipe = pipeline_class.from_single_file(
+                config.path, config=config.single_file_config, dtype=dtype,
+                **family.load_kwargs, **family.single_file_kwargs,
             )
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                config.path, dtype=dtype, safety_checker=None, requires_safety_checker=False
-            )
+            pipe = pipeline_class.from_pretrained(config.path, dtype=dtype, **family.load_kwargs)
     except Exception as error:  # noqa: BLE001 - any loader failure is reported the same way
         raise ModelLoadError(f"model.path: cannot load '{config.path}': {error}".splitlines()[0]) from error
     pipe.set_progress_bar_config(disable=True)
@@ -110,13 +115,15 @@ def load_text_to_image(config: ModelConfig, device: torch.device, dtype: torch.d
 
 
 def load_inpainting(base, config: ModelConfig):
-    """An inpainting pipeline sharing the base model's components (nothing loaded twice).
+    """The family's inpainting pipeline sharing the base model's components (nothing loaded twice).
 
     With no dedicated checkpoint the base UNet inpaints by latent blending; with one, only
-    its 9-channel UNet is loaded and the text encoder, VAE and tokenizer are the base's.
+    its 9-channel UNet is loaded and the text encoders, VAE and tokenizers are the base's.
     """
-    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+    import diffusers
+    from diffusers import UNet2DConditionModel
 
+    family = family_of(config)
     components = dict(base.components)
     if config.inpaint_path is not None:
         try:
@@ -129,7 +136,7 @@ def load_inpainting(base, config: ModelConfig):
         except Exception as error:  # noqa: BLE001
             raise ModelLoadError(f"model.inpaint_path: cannot load '{config.inpaint_path}': {error}".splitlines()[0]) from error
         components["unet"] = unet.to(base.device)
-    pipe = StableDiffusionInpaintPipeline(**components)
+    pipe = getattr(diffusers, family.inpainting)(**components, **family.inpainting_kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -144,7 +151,10 @@ def config_source(config: ModelConfig) -> str:
 
 
 def load_tokenizer(config: ModelConfig):
-    """Just the tokenizer: planning needs token positions without loading any network."""
+    """Just the tokenizer: planning needs token positions without loading any network. The
+    family is resolved first, so a pipeline maskmint does not run is refused before a run
+    writes anything. (SDXL's second tokenizer has the same vocabulary and positions.)"""
+    family_of(config)
     return _tokenizer_at(config_source(config))
 
 
