@@ -117,6 +117,27 @@ def sd_ddim_scheduler():
     return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
+def _text_config(tokenizer, text_dim: int, heads: int, max_length: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=text_dim * 2, num_hidden_layers=2,
+        num_attention_heads=heads, max_position_embeddings=max_length, projection_dim=text_dim,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _vae(vae_channels: tuple[int, ...], image_size: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        norm_num_groups=min(32, vae_channels[0]), sample_size=image_size,
+    )
+
+
 def build_tiny_pipeline(
     seed: int = 0,
     image_size: int = 32,
@@ -128,38 +149,13 @@ def build_tiny_pipeline(
     max_length: int = 77,
 ):
     """A randomly initialised StableDiffusionPipeline; every UNet level has cross-attention."""
-    from diffusers import (
-        AutoencoderKL,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(words, max_length)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=text_dim,
-            intermediate_size=text_dim * 2,
-            num_hidden_layers=2,
-            num_attention_heads=heads,
-            max_position_embeddings=max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        block_out_channels=vae_channels,
-        latent_channels=4,
-        norm_num_groups=min(32, vae_channels[0]),
-        sample_size=image_size,
-    )
+    text_encoder = CLIPTextModel(_text_config(tokenizer, text_dim, heads, max_length))
+    vae = _vae(vae_channels, image_size)
     latent_size = image_size // 2 ** (len(vae_channels) - 1)
     unet = UNet2DConditionModel(
         sample_size=latent_size,
@@ -199,22 +195,13 @@ def build_tiny_sdxl_pipeline(
     """A randomly initialised StableDiffusionXLPipeline: two CLIP encoders (the second with a
     projection, for the pooled embedding), their states concatenated for cross-attention,
     and the UNet's size/crop micro-conditioning, as SDXL has them."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = build_tokenizer(words, max_length), build_tokenizer(words, max_length)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=text_dim * 2, num_hidden_layers=2,
-        num_attention_heads=heads, max_position_embeddings=max_length, projection_dim=text_dim,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        norm_num_groups=min(32, vae_channels[0]), sample_size=image_size,
-    )
+    text_config = _text_config(tokenizer, text_dim, heads, max_length)
+    vae = _vae(vae_channels, image_size)
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=image_size // 2 ** (len(vae_channels) - 1), in_channels=4, out_channels=4,
