@@ -5,8 +5,10 @@
         --batch 8 --steps 30 --peak-tflops 989 --json bench/throughput-h100.json
 
 Models are built from their real architectures with random weights (nothing downloaded):
-`sd15` (UNet 859.5M, CLIP ViT-L/14 text encoder, VAE [128,256,512,512], 512 px), the
-embedded `toy` model (64 px), or the test-sized `tiny` one (32 px). On the same batch,
+`sd15` (UNet 859.5M, CLIP ViT-L/14 text encoder, VAE [128,256,512,512], 512 px), `sdxl`
+(UNet 2.57B, CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, 1024 px), the embedded `toy` model
+(64 px), or the test-sized `tiny` / `tiny-sdxl` ones (32 px). For SDXL, a and b are
+StableDiffusionXLPipeline and StableDiffusionXLInpaintPipeline. On the same batch,
 steps and dtype it times, alternating the variants every round so drift hits all alike:
 
   a  plain StableDiffusionPipeline (SDPA attention, no capture), images decoded
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 
 from bench import write_json
-from pipeline.tiny_model import build_tiny_pipeline, build_tokenizer, sd_ddim_scheduler
+from pipeline.tiny_model import build_tiny_pipeline, build_tiny_sdxl_pipeline, build_tokenizer, sd_ddim_scheduler
 from pipeline.worker import ShardWorker, as_columns
 from schemas.config import RunConfig
 from stages.models import load_inpainting, load_text_to_image, quiet_libraries
@@ -83,12 +85,53 @@ def build_sd15():
                                    requires_safety_checker=False)
 
 
+def build_sdxl():
+    """SDXL base's architecture with random weights: UNet 2.57B (transformer depths 1, 2, 10;
+    size/crop micro-conditioning), CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text encoders, VAE."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = build_tokenizer(WORDS, max_length=77), build_tokenizer(WORDS, max_length=77)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, vocab_size=49408, max_position_embeddings=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768, **special))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
+        projection_dim=1280, **special))
+    unet = UNet2DConditionModel(
+        sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20), layers_per_block=2,
+        block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=1024,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.13025, force_upcast=True,
+    )
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=sd_ddim_scheduler(), add_watermarker=False)
+
+
+FAMILY = {"toy": "sd", "tiny": "sd", "sd15": "sd", "tiny-sdxl": "sdxl", "sdxl": "sdxl"}
+
+
 def build_pipe(name: str, device: torch.device, dtype: torch.dtype):
     if name == "toy":
         from schemas.config import ModelConfig
 
         return load_text_to_image(ModelConfig(path=str(REPO / "assets" / "tiny-sd")), device, dtype)
-    pipe = build_tiny_pipeline(seed=0, image_size=32, words=WORDS) if name == "tiny" else build_sd15()
+    builders = {
+        "tiny": lambda: build_tiny_pipeline(seed=0, image_size=32, words=WORDS),
+        "tiny-sdxl": lambda: build_tiny_sdxl_pipeline(seed=0, image_size=32, words=WORDS),
+        "sd15": build_sd15,
+        "sdxl": build_sdxl,
+    }
+    pipe = builders[name]()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 
@@ -106,7 +149,7 @@ class Bench:
         self.pipe = build_pipe(args.model, self.device, self.dtype)
         self.steps, self.batch = args.steps, args.batch
         self.config = RunConfig.model_validate({
-            "model": {"path": str(REPO / "assets" / "tiny-sd"), "device": args.device},
+            "model": {"path": str(REPO / "assets" / "tiny-sd"), "device": args.device, "family": FAMILY[args.model]},
             "prompts": PROMPTS,
             # compile / channels_last (when asked) change the UNet every variant below shares, a and b included
             "generation": {"steps": args.steps, "guidance_scale": 7.5, "batch_size": args.batch,
@@ -217,7 +260,7 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "toy", "sd15"], default="toy")
+    parser.add_argument("--model", choices=sorted(FAMILY), default="toy")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--batch", type=int, default=4)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench import quality, throughput, train_toy_model
 from bench.toyworld import (
@@ -75,9 +76,10 @@ def test_multi_config_on_the_shipped_model_beats_chance():
     assert summary["object_left"] < 0.05, summary
 
 
-def test_throughput_cpu_smoke(tmp_path):
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_throughput_cpu_smoke(tmp_path, model):
     out = tmp_path / "throughput.json"
-    assert throughput.main(["--model", "tiny", "--batch", "2", "--steps", "2", "--repeats", "1", "--json", str(out)]) == 0
+    assert throughput.main(["--model", model, "--batch", "2", "--steps", "2", "--repeats", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert all(rate > 0 for rate in result["samples_per_s"].values())
     assert result["capture_bytes_10_steps"] == result["capture_bytes_50_steps"] > 0  # no per-step growth
