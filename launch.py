@@ -60,8 +60,7 @@ def command_plan(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     plan = Plan(config, load_tokenizer(config.model))
-    plan.preflight()
-    report = plan_report(config, plan, args.examples)
+    report = plan_report(config, plan, plan.preflight(), args.examples)
     report["cost"] = estimate(config, args.peak_tflops, args.utilisation)
     if args.json:
         print(json.dumps(report, indent=2))

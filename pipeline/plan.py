@@ -61,18 +61,17 @@ class Plan:
     def shard(self, shard: int) -> list[PlannedSample]:
         return [self.sample(i) for i in shard_range(self.config, shard)]
 
-    def preflight(self) -> None:
+    def preflight(self) -> list[PlannedSample]:
         """Every template, concept and worst-case filling, then the first samples as they will
-        be drawn: a prompt the model cannot take fails before anything is written."""
+        be drawn (returned): a prompt the model cannot take fails before anything is written."""
         self.builder.check_all()
-        for index in range(min(PREFLIGHT_SAMPLES, self.config.output.samples)):
-            self.sample(index)
+        return [self.sample(index) for index in range(min(PREFLIGHT_SAMPLES, self.config.output.samples))]
 
 
-def plan_report(config: RunConfig, plan: Plan, examples: int = 5) -> dict:
-    """What a run of this config will make, before any weights are loaded."""
-    looked_at = min(PREFLIGHT_SAMPLES, config.output.samples)
-    samples = [plan.sample(i) for i in range(looked_at)]
+def plan_report(config: RunConfig, plan: Plan, samples: list[PlannedSample], examples: int = 5) -> dict:
+    """What a run of this config will make, before any weights are loaded; `samples` are the
+    first ones planned (the preflight's)."""
+    looked_at = len(samples)
     room = plan.max_length - 2  # BOS and EOS
     tokens = [len(plan.tokenize(s.prompt)) for s in samples]
     names = config.class_names()
