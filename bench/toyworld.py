@@ -1,5 +1,8 @@
 """A toy world whose truth is exact: saturated shapes on achromatic backgrounds.
 
+Scenes hold 1-3 objects of different shapes and colours that may overlap; the truth mask
+follows the drawing order (a later object covers an earlier one).
+
 Objects are drawn in a few saturated colours; backgrounds (flat, gradient, striped, noise)
 only ever use gray levels. That rule is what gives truth for *generated* images too: a
 pixel is object exactly when it is saturated, and its hue says which colour it is.
@@ -31,7 +34,8 @@ class Scene:
     mask: np.ndarray  # uint8 [H, W], 0 background, shape class id
     background: np.ndarray  # uint8 [H, W, 3], the scene without its objects
     caption: str
-    objects: list[tuple[str, str]] = field(default_factory=list)  # (colour, shape)
+    objects: list[tuple[str, str]] = field(default_factory=list)  # (colour, shape), in drawing order
+    regions: list[np.ndarray] = field(default_factory=list)  # each object's whole shape, before occlusion
 
 
 def render_background(kind: str, tone: str, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
@@ -76,32 +80,56 @@ def caption_for(objects: list[tuple[str, str]], kind: str, tone: str) -> str:
     return f"{things} on {scene}" if things else scene
 
 
+OBJECT_COUNTS = (1, 2, 3)
+OBJECT_COUNT_WEIGHTS = (0.45, 0.35, 0.2)
+MIN_VISIBLE = 0.6  # every object keeps at least this share of its own area in view
+OVERLAP_SHARE = 0.5  # share of placements that may touch or overlap earlier objects
+
+
+def _place(shape: str, drawn: list[np.ndarray], rng: np.random.Generator, size: int) -> np.ndarray | None:
+    """A region for `shape` that leaves every object (earlier ones and itself) mostly visible."""
+    may_overlap = rng.random() < OVERLAP_SHARE
+    taken = np.logical_or.reduce(drawn) if drawn else np.zeros((size, size), bool)
+    near = cv2.dilate(taken.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    for _attempt in range(30):
+        radius = int(rng.integers(size // 8, size // 4))
+        margin = radius + 3
+        center = (int(rng.integers(margin, size - margin)), int(rng.integers(margin, size - margin)))
+        region = shape_mask(shape, center, radius, size)
+        if not may_overlap and np.any(region & near):
+            continue
+        covers = [np.logical_or.reduce([region, *drawn[j + 1:]]) for j in range(len(drawn))]
+        if all((earlier & ~cover).sum() >= MIN_VISIBLE * earlier.sum() for earlier, cover in zip(drawn, covers)):
+            return region
+    return None
+
+
 def render_scene(rng: np.random.Generator, n_objects: int | None = None, size: int = SIZE) -> Scene:
+    """1-3 objects of distinct shapes and colours; later ones are drawn over earlier ones.
+
+    The mask is exact under overlap: each pixel holds the class of the last object drawn
+    there, and `objects` lists the objects in drawing order (the caption's order).
+    """
     kind = BACKGROUND_KINDS[rng.integers(len(BACKGROUND_KINDS))]
     tone = list(BACKGROUND_TONES)[rng.integers(len(BACKGROUND_TONES))]
     background = render_background(kind, tone, rng, size)
     image = background.copy()
     mask = np.zeros((size, size), np.uint8)
     if n_objects is None:
-        n_objects = 1 if rng.random() < 0.7 else 2
+        n_objects = int(rng.choice(OBJECT_COUNTS, p=OBJECT_COUNT_WEIGHTS))
+    shapes = [str(s) for s in rng.permutation(list(SHAPES))[:n_objects]]
+    colours = [str(c) for c in rng.permutation(list(COLORS))[:n_objects]]
     objects: list[tuple[str, str]] = []
-    colours = list(COLORS)
-    for _ in range(n_objects):
-        for _attempt in range(20):
-            shape = list(SHAPES)[rng.integers(len(SHAPES))]
-            radius = int(rng.integers(size // 8, size // 4))
-            margin = radius + 3
-            center = (int(rng.integers(margin, size - margin)), int(rng.integers(margin, size - margin)))
-            region = shape_mask(shape, center, radius, size)
-            if not np.any(region & (cv2.dilate(mask, np.ones((5, 5), np.uint8)) > 0)):
-                break
-        else:
+    drawn: list[np.ndarray] = []
+    for shape, colour in zip(shapes, colours):
+        region = _place(shape, drawn, rng, size)
+        if region is None:
             continue
-        colour = colours.pop(int(rng.integers(len(colours))))
         image[region] = COLORS[colour]
         mask[region] = SHAPES[shape]
+        drawn.append(region)
         objects.append((colour, shape))
-    return Scene(image, mask, background, caption_for(objects, kind, tone), objects)
+    return Scene(image, mask, background, caption_for(objects, kind, tone), objects, drawn)
 
 
 def object_pixels(image: np.ndarray) -> np.ndarray:
@@ -133,3 +161,9 @@ FILL_RATIOS = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
 def closest_shape(region: np.ndarray) -> str:
     ratio = shape_fill_ratio(region)
     return min(FILL_RATIOS, key=lambda name: abs(FILL_RATIOS[name] - ratio))
+
+
+def touches_other_object(region: np.ndarray, image: np.ndarray) -> bool:
+    """Whether another object borders `region`: then it may be occluded and its shape cut."""
+    ring = cv2.dilate(region.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~region
+    return bool((ring & object_pixels(image)).any())

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from bench.toyworld import SIZE, WORDS, render_scene
 from pipeline.tiny_model import SD_BETAS, build_tokenizer, sd_ddim_scheduler
 
-MAX_TOKENS = 16  # the longest caption is 14 tokens with BOS/EOS
+MAX_TOKENS = 24  # the longest caption (three objects) is 18 tokens with BOS/EOS
 DECODER_EMPTY_SHARE = 0.4  # the decoder stage leans on the object-free scenes it was failing
 
 
@@ -101,7 +101,7 @@ def noise_schedule():
 
 
 def caption_ids(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
 def load_models(folder: Path):
@@ -123,11 +123,74 @@ def optimise(optimizer, loss: torch.Tensor) -> float:
     return loss.item()
 
 
-def train_vae(vae, steps: int, batch: int, rng, handle) -> float:
+STAGES = ("vae", "unet", "decoder", "done")
+
+
+class Checkpoint:
+    """Everything a stage needs to continue where an interrupted run stopped.
+
+    Written to a temporary name and renamed, so a kill leaves the previous one whole. A
+    checkpoint made with other arguments is refused rather than mixed in.
+    """
+
+    def __init__(self, path: Path, arguments: dict, every: int, models: dict, rng: np.random.Generator):
+        self.path, self.arguments, self.every, self.models, self.rng = path, arguments, every, models, rng
+        self.state: dict | None = None
+        self.started, self.minutes_before = time.time(), 0.0
+        if path.exists():
+            state = torch.load(path, weights_only=False)
+            if state["arguments"] != arguments:
+                raise SystemExit(f"{path} was made with other arguments; delete it to start over")
+            self.state = state
+            for name, model in models.items():
+                model.load_state_dict(state["models"][name])
+            models["vae"].register_to_config(scaling_factor=state["scaling_factor"])
+            rng.bit_generator.state = state["rng"]
+            self.minutes_before = state["minutes"]
+
+    def minutes(self) -> float:
+        """Training time over every attempt, interruptions left out."""
+        return self.minutes_before + (time.time() - self.started) / 60
+
+    def reached(self, stage: str) -> bool:
+        """Whether the checkpoint is past `stage` (it is done and must not run again)."""
+        return self.state is not None and STAGES.index(self.state["stage"]) > STAGES.index(stage)
+
+    def resume(self, stage: str, generator: torch.Generator | None = None, **stateful) -> int:
+        """The step to start `stage` from, restoring its optimiser/EMA/generator state."""
+        if self.state is None or self.state["stage"] != stage or self.state["step"] == 0:
+            return 0
+        for name, thing in stateful.items():
+            thing.load_state_dict(self.state["extra"][name])
+        self.rng.bit_generator.state = self.state["rng"]  # as it was after the saved step's batch
+        if generator is not None:
+            generator.set_state(self.state["generator"])
+        return self.state["step"]
+
+    def save(self, stage: str, step: int, generator: torch.Generator | None = None, force: bool = False, **stateful):
+        if not force and (not self.every or step % self.every):
+            return
+        state = {
+            "arguments": self.arguments, "stage": stage, "step": step,
+            "models": {name: model.state_dict() for name, model in self.models.items()},
+            "scaling_factor": self.models["vae"].config.scaling_factor,
+            "rng": self.rng.bit_generator.state,
+            "generator": generator.get_state() if generator is not None else None,
+            "extra": {name: thing.state_dict() for name, thing in stateful.items()},
+            "minutes": self.minutes(),
+        }
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, temporary)
+        temporary.replace(self.path)
+        self.state = state
+
+
+def train_vae(vae, steps: int, batch: int, rng, handle, checkpoint: Checkpoint) -> float:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    first = checkpoint.resume("vae", optimizer=optimizer)
     vae.train()
     start, running = time.time(), 0.0
-    for step in range(1, steps + 1):
+    for step in range(first + 1, steps + 1):
         images, _ = scenes_batch(rng, batch, empty_share=0.0)
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -135,6 +198,7 @@ def train_vae(vae, steps: int, batch: int, rng, handle) -> float:
         if step % 50 == 0:
             log(f"vae step {step}/{steps} loss {running / 50:.5f} ({time.time() - start:.0f}s)", handle)
             running = 0.0
+        checkpoint.save("vae", step, optimizer=optimizer)
     vae.eval()
     with torch.no_grad():
         images, _ = scenes_batch(rng, 256, empty_share=0.0)
@@ -146,7 +210,7 @@ def train_vae(vae, steps: int, batch: int, rng, handle) -> float:
 
 def train_unet(
     text_encoder, vae, unet, tokenizer, steps: int, batch: int, lr: float, rng, handle, empty_share: float,
-    offset_noise: float,
+    offset_noise: float, checkpoint: Checkpoint,
 ) -> None:
     from diffusers.training_utils import EMAModel
 
@@ -158,8 +222,9 @@ def train_unet(
     unet.train()
     text_encoder.train()
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    first = checkpoint.resume("unet", generator, optimizer=optimizer, schedule=schedule, ema=ema)
     start, running = time.time(), 0.0
-    for step in range(1, steps + 1):
+    for step in range(first + 1, steps + 1):
         images, captions = scenes_batch(rng, batch, empty_share)
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
@@ -180,15 +245,18 @@ def train_unet(
         ema.step(params)
         running += loss.item()
         if step % 100 == 0:
-            rate = step / (time.time() - start)
+            rate = (step - first) / (time.time() - start)
             log(f"unet step {step}/{steps} loss {running / 100:.5f} ({rate:.2f} steps/s, eta {(steps - step) / rate / 60:.1f} min)", handle)
             running = 0.0
+        checkpoint.save("unet", step, generator, optimizer=optimizer, schedule=schedule, ema=ema)
     ema.copy_to(params)
     unet.eval()
     text_encoder.eval()
 
 
-def train_decoder(text_encoder, vae, unet, tokenizer, steps: int, batch: int, rng, handle, empty_share: float) -> None:
+def train_decoder(
+    text_encoder, vae, unet, tokenizer, steps: int, batch: int, rng, handle, empty_share: float, checkpoint: Checkpoint,
+) -> None:
     noise_scheduler = noise_schedule()
     alphas = noise_scheduler.alphas_cumprod
     scale = vae.config.scaling_factor
@@ -197,9 +265,10 @@ def train_decoder(text_encoder, vae, unet, tokenizer, steps: int, batch: int, rn
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    first = checkpoint.resume("decoder", generator, optimizer=optimizer)
     vae.decoder.train()
     start, running = time.time(), 0.0
-    for step in range(1, steps + 1):
+    for step in range(first + 1, steps + 1):
         images, captions = scenes_batch(rng, batch, empty_share)
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mean * scale
@@ -215,6 +284,7 @@ def train_decoder(text_encoder, vae, unet, tokenizer, steps: int, batch: int, rn
         if step % 50 == 0:
             log(f"decoder step {step}/{steps} loss {running / 50:.5f} ({time.time() - start:.0f}s)", handle)
             running = 0.0
+        checkpoint.save("decoder", step, generator, optimizer=optimizer)
     vae.eval()
     vae.requires_grad_(False)
 
@@ -250,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--log", type=Path, default=None, help="log file (default: OUT.train.log beside OUT)")
+    parser.add_argument("--checkpoint-every", type=int, default=200,
+                        help="save OUT.ckpt.pt every this many steps (0: never); a rerun continues from it")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -265,26 +337,32 @@ def main(argv: list[str] | None = None) -> None:
         text_encoder, vae, unet = build_models(tokenizer, args.seed)
     log_path = args.log or args.out.with_name(args.out.name + ".train.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as handle:
+    recipe = {k: str(v) for k, v in vars(args).items() if k not in ("log", "threads", "checkpoint_every")}
+    checkpoint = Checkpoint(args.out.with_name(args.out.name + ".ckpt.pt"), recipe, args.checkpoint_every,
+                            {"text_encoder": text_encoder, "vae": vae, "unet": unet}, rng)
+    with open(log_path, "a" if checkpoint.state else "w") as handle:
+        if checkpoint.state:
+            log(f"continuing from {checkpoint.path}: {checkpoint.state['stage']} step {checkpoint.state['step']}", handle)
         log(f"training toy model: {json.dumps({k: str(v) for k, v in vars(args).items()})}", handle)
         log(f"parameters: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
             f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, "
             f"text {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M", handle)
-        start = time.time()
-        if args.vae_steps:
-            train_vae(vae, args.vae_steps, args.vae_batch, rng, handle)
+        if args.vae_steps and not checkpoint.reached("vae"):
+            train_vae(vae, args.vae_steps, args.vae_batch, rng, handle, checkpoint)
         vae.requires_grad_(False)
-        if args.unet_steps:
+        if args.unet_steps and not checkpoint.reached("unet"):
             train_unet(text_encoder, vae, unet, tokenizer, args.unet_steps, args.unet_batch, args.lr, rng, handle,
-                       args.empty_share, args.offset_noise)
-        if args.decoder_steps:
+                       args.empty_share, args.offset_noise, checkpoint)
+            checkpoint.save("decoder", 0, force=True)  # the EMA weights are in place: the UNet stage is over
+        if args.decoder_steps and not checkpoint.reached("decoder"):
             train_decoder(text_encoder, vae, unet, tokenizer, args.decoder_steps, args.decoder_batch, rng, handle,
-                          DECODER_EMPTY_SHARE)
+                          DECODER_EMPTY_SHARE, checkpoint)
         save_pipeline(args.out, text_encoder, vae, unet, tokenizer)
-        minutes = (time.time() - start) / 60
+        minutes = checkpoint.minutes()
         previous = args.resume / "training.json" if args.resume else None
         write_provenance(args.out, vars(args), minutes, log_path,
                          json.loads(previous.read_text()) if previous and previous.exists() else None)
+        checkpoint.path.unlink(missing_ok=True)
         log(f"saved {args.out} after {minutes:.1f} min", handle)
 
 

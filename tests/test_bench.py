@@ -16,6 +16,7 @@ from bench.toyworld import (
     colour_pixels,
     object_pixels,
     render_scene,
+    touches_other_object,
 )
 from schemas.config import RunConfig, load_config
 
@@ -24,18 +25,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_toy_world_rules_recover_the_rendered_truth():
     rng = np.random.default_rng(123)
-    shapes_right, objects = 0, 0
-    for _ in range(60):
+    shapes_right, whole, counts, overlapping = 0, 0, set(), 0
+    for _ in range(80):
         scene = render_scene(rng)
         assert np.array_equal(object_pixels(scene.image), scene.mask > 0)
         assert not object_pixels(scene.background).any()  # backgrounds never use object colours
-        for colour, shape in scene.objects:
-            region = colour_pixels(scene.image, colour)
-            assert set(np.unique(scene.mask[region])) == {SHAPES[shape]}
-            shapes_right += closest_shape(region) == shape
-            objects += 1
+        assert len({s for _, s in scene.objects}) == len(scene.objects)  # no class twice
+        counts.add(len(scene.objects))
+        overlapping += bool(np.any(np.sum(scene.regions, axis=0) > 1)) if scene.regions else 0
+        for index, ((colour, shape), region) in enumerate(zip(scene.objects, scene.regions)):
+            # drawing order: an object's pixels are its own unless a later object covers them
+            later = np.logical_or.reduce([region & False, *scene.regions[index + 1 :]])
+            assert np.array_equal(colour_pixels(scene.image, colour), region & ~later)
+            assert np.all(scene.mask[region & ~later] == SHAPES[shape])
+            if not touches_other_object(region, scene.image):
+                shapes_right += closest_shape(region) == shape
+                whole += 1
         assert all(colour in COLORS for colour, _ in scene.objects)
-    assert objects > 60 and shapes_right / objects >= 0.95
+    assert counts == {1, 2, 3} and overlapping >= 5
+    assert whole > 60 and shapes_right / whole >= 0.95
 
 
 def test_shipped_model_is_the_demos_and_its_masks_beat_chance():
@@ -103,3 +111,38 @@ def test_decoder_stage_changes_only_the_decoder(tmp_path):
     assert not same(vae_before.decoder, vae_after.decoder)
     record = json.loads((out / "training.json").read_text())
     assert record["arguments"]["decoder_steps"] == "2" and record["resumed_from"]["trained_by"] == "bench/train_toy_model.py"
+
+
+def test_toy_training_interrupted_and_rerun_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
+    import torch
+
+    arguments = ["--vae-steps", "3", "--vae-batch", "2", "--unet-steps", "4", "--unet-batch", "2",
+                 "--decoder-steps", "3", "--decoder-batch", "2", "--checkpoint-every", "1", "--seed", "5"]
+    train_toy_model.main(["--out", str(tmp_path / "whole"), *arguments])
+
+    real_batch, calls = train_toy_model.scenes_batch, {"n": 0}
+
+    def failing_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3 + 1 + 2:  # VAE stage done, its scale taken, two UNet steps done: die in the third
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(train_toy_model, "scenes_batch", failing_batch)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train_toy_model.main(["--out", str(out), *arguments])
+    assert (tmp_path / "cut.ckpt.pt").exists() and not out.exists()
+    monkeypatch.setattr(train_toy_model, "scenes_batch", real_batch)
+    train_toy_model.main(["--out", str(out), *arguments])
+    assert not (tmp_path / "cut.ckpt.pt").exists()
+    assert "continuing from" in (tmp_path / "cut.train.log").read_text()
+
+    whole, cut = train_toy_model.load_models(tmp_path / "whole"), train_toy_model.load_models(out)
+    for a, b in zip(whole[1:], cut[1:]):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.allclose(x.float(), y.float(), atol=1e-3), name
+    assert whole[0].get_vocab() == cut[0].get_vocab()
+    torch.save({"arguments": {"seed": "9"}}, tmp_path / "cut.ckpt.pt")  # another recipe's checkpoint
+    with pytest.raises(SystemExit, match="other arguments"):
+        train_toy_model.main(["--out", str(out), *arguments])
