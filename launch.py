@@ -17,7 +17,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pipeline.rundir import RunDirError
     from schemas.config import ConfigError
     from stages.models import ModelLoadError
-    from stages.prompts import PromptError
+    from stages.tokens import PromptError
 
     return ConfigError, RunDirError, ModelLoadError, PromptError
 
@@ -56,10 +56,11 @@ def command_plan(args: argparse.Namespace) -> int:
     from pipeline.cost import estimate
     from pipeline.plan import Plan, plan_report
     from schemas.config import load_config
-    from stages.models import load_tokenizer
+    from stages.models import check_supported, load_text_layout
 
     config = load_config(args.config)
-    plan = Plan(config, load_tokenizer(config.model))
+    check_supported(config.model, config.capture)
+    plan = Plan(config, load_text_layout(config.model))
     report = plan_report(config, plan, plan.preflight(), args.examples)
     report["cost"] = estimate(config, args.peak_tflops, args.utilisation)
     if args.json:

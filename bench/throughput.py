@@ -7,8 +7,11 @@
 Models are built from their real architectures with random weights (nothing downloaded):
 `sd15` (UNet 859.5M, CLIP ViT-L/14 text encoder, VAE [128,256,512,512], 512 px), `sdxl`
 (UNet 2.57B, CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, 1024 px), the embedded `toy` model
-(64 px), or the test-sized `tiny` / `tiny-sdxl` ones (32 px). For SDXL, a and b are
-StableDiffusionXLPipeline and StableDiffusionXLInpaintPipeline. On the same batch,
+(64 px), `sd3` (SD3 Medium: MM-DiT 2.03B, CLIP-L + bigG + T5-XXL, 1024 px), `flux-schnell`
+/ `flux-dev` (Flux.1: MM-DiT 11.9B, CLIP-L + T5-XXL, 1024 px; dev with distilled guidance),
+or the test-sized `tiny` / `tiny-sdxl` / `tiny-sd3` / `tiny-flux` ones (32 px). a and b are
+the family's own text-to-image and inpainting pipelines (for SD3 and Flux the inpainting
+pipelines' latent blending); the full-size MM-DiT models need a GPU's memory. On the same batch,
 steps and dtype it times, alternating the variants every round so drift hits all alike:
 
   a  plain StableDiffusionPipeline (SDPA attention, no capture), images decoded
@@ -40,9 +43,18 @@ import numpy as np
 import torch
 
 from bench import write_json
-from pipeline.tiny_model import build_tiny_pipeline, build_tiny_sdxl_pipeline, build_tokenizer, sd_ddim_scheduler
+from pipeline.tiny_model import (
+    build_t5_tokenizer,
+    build_tiny_flux_pipeline,
+    build_tiny_pipeline,
+    build_tiny_sd3_pipeline,
+    build_tiny_sdxl_pipeline,
+    build_tokenizer,
+    sd_ddim_scheduler,
+)
 from pipeline.worker import ShardWorker, as_columns
 from schemas.config import RunConfig
+from stages.families import family_of_pipeline
 from stages.models import load_inpainting, load_text_to_image, quiet_libraries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +129,86 @@ def build_sdxl():
                                      scheduler=sd_ddim_scheduler(), add_watermarker=False)
 
 
-FAMILY = {"toy": "sd", "tiny": "sd", "sd15": "sd", "tiny-sdxl": "sdxl", "sdxl": "sdxl"}
+def _t5_xxl(tokenizer):
+    """T5 v1.1 XXL's encoder (4.76B; the vocabulary is the small word list's)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )).eval()
+
+
+def _clip(tokenizer, big: bool, projection: bool):
+    """CLIP ViT-L/14's text tower, or OpenCLIP ViT-bigG/14's (big)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    shape = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 hidden_act="gelu", projection_dim=1280) if big else \
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+             hidden_act="quick_gelu", projection_dim=768)
+    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _flow_vae(scaling: float, shift: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=scaling, shift_factor=shift,
+    )
+
+
+def build_sd3():
+    """SD3 Medium's architecture with random weights: MM-DiT 2.03B (24 joint blocks), CLIP
+    ViT-L/14 + OpenCLIP ViT-bigG/14 + T5 v1.1 XXL encoders, 16-channel VAE, 1024 px."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = build_tokenizer(WORDS, max_length=77), build_tokenizer(WORDS, max_length=77)
+    tokenizer_3 = build_t5_tokenizer(WORDS, max_length=512)
+    transformer = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=192,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_flow_vae(1.5305, 0.0609), text_encoder=_clip(tokenizer, False, True), tokenizer=tokenizer,
+        text_encoder_2=_clip(tokenizer_2, True, True), tokenizer_2=tokenizer_2,
+        text_encoder_3=_t5_xxl(tokenizer_3), tokenizer_3=tokenizer_3,
+    )
+
+
+def build_flux(guidance_embeds: bool):
+    """Flux.1's architecture with random weights: MM-DiT 11.9B (19 double-stream, 38
+    single-stream blocks), CLIP ViT-L/14 (pooled) + T5 v1.1 XXL, 16-channel VAE, 1024 px.
+    guidance_embeds: dev (distilled guidance) rather than schnell."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = build_tokenizer(WORDS, max_length=77), build_t5_tokenizer(WORDS, max_length=512)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(16, 56, 56),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    return FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=_flow_vae(0.3611, 0.1159),
+        text_encoder=_clip(tokenizer, False, False), tokenizer=tokenizer,
+        text_encoder_2=_t5_xxl(tokenizer_2), tokenizer_2=tokenizer_2,
+    )
+
+
+FAMILY = {
+    "toy": "sd", "tiny": "sd", "sd15": "sd", "tiny-sdxl": "sdxl", "sdxl": "sdxl", "tiny-sd3": "sd3", "sd3": "sd3",
+    "tiny-flux": "flux", "flux-schnell": "flux", "flux-dev": "flux",
+}
 
 
 def build_pipe(name: str, device: torch.device, dtype: torch.dtype):
@@ -128,8 +219,13 @@ def build_pipe(name: str, device: torch.device, dtype: torch.dtype):
     builders = {
         "tiny": lambda: build_tiny_pipeline(seed=0, image_size=32, words=WORDS),
         "tiny-sdxl": lambda: build_tiny_sdxl_pipeline(seed=0, image_size=32, words=WORDS),
+        "tiny-sd3": lambda: build_tiny_sd3_pipeline(seed=0, image_size=32, words=WORDS),
+        "tiny-flux": lambda: build_tiny_flux_pipeline(seed=0, image_size=32, words=WORDS),
         "sd15": build_sd15,
         "sdxl": build_sdxl,
+        "sd3": build_sd3,
+        "flux-schnell": lambda: build_flux(guidance_embeds=False),
+        "flux-dev": lambda: build_flux(guidance_embeds=True),
     }
     pipe = builders[name]()
     pipe.set_progress_bar_config(disable=True)
@@ -164,8 +260,12 @@ class Bench:
         })
         self.scratch = tempfile.TemporaryDirectory()
         (Path(self.scratch.name) / "shards").mkdir()
+        self.family = family_of_pipeline(self.pipe)
+        # a and b run the pipeline as diffusers ships it: SDPA everywhere, no capture
+        self.plain = dict(self.denoiser.attn_processors)
         self.worker = ShardWorker(self.config, self.scratch.name, pipe=self.pipe)  # installs capture
-        self.capture_processors = dict(self.pipe.unet.attn_processors)
+        self.capture_processors = dict(self.denoiser.attn_processors)
+        self.layout = self.worker.generate.layout
         self.inpaint = load_inpainting(self.pipe, self.config.model)
         self.batch_columns = as_columns([self.worker.plan.sample(i) for i in range(self.batch)])
         self.height, self.width = self.worker.generate.height, self.worker.generate.width
@@ -175,10 +275,15 @@ class Bench:
         self.images = None
         self.next_shard = 0
 
-    def plain_processors(self) -> None:
-        from diffusers.models.attention_processor import AttnProcessor2_0
+    @property
+    def denoiser(self):
+        return getattr(self.pipe, self.family.denoiser)
 
-        self.pipe.unet.set_attn_processor(AttnProcessor2_0())
+    def plain_processors(self) -> None:
+        self.denoiser.set_attn_processor(dict(self.plain))  # it pops from the dict
+
+    def text(self, prompts: str, negatives: str) -> dict:
+        return self.family.prompt_kwargs(self.layout, self.batch_columns[prompts], self.batch_columns[negatives])
 
     def generators(self):
         return [torch.Generator(self.device).manual_seed(int(s)) for s in self.batch_columns["seed"]]
@@ -187,23 +292,22 @@ class Bench:
     def run_a(self) -> None:
         self.plain_processors()
         out = self.pipe(
-            prompt=self.batch_columns["prompt"], negative_prompt=self.batch_columns["negative_prompt"],
+            **self.text("prompt", "negative_prompt"),
             num_inference_steps=self.steps, guidance_scale=7.5, height=self.height, width=self.width,
             generator=self.generators(), output_type="np",
         ).images
         self.images = out
-        self.pipe.unet.set_attn_processor(dict(self.capture_processors))  # it pops from the dict
+        self.denoiser.set_attn_processor(dict(self.capture_processors))
 
     @torch.inference_mode()
     def run_b(self) -> None:
         self.plain_processors()
         self.inpaint(
-            prompt=self.batch_columns["background_prompt"],
-            negative_prompt=self.batch_columns["background_negative_prompt"],
+            **self.text("background_prompt", "background_negative_prompt"),
             image=self.images, mask_image=self.mask, height=self.height, width=self.width, strength=1.0,
             num_inference_steps=self.steps, guidance_scale=7.5, generator=self.generators(), output_type="np",
         )
-        self.pipe.unet.set_attn_processor(dict(self.capture_processors))  # it pops from the dict
+        self.denoiser.set_attn_processor(dict(self.capture_processors))
 
     def run_c(self) -> None:
         self.worker.generate(dict(self.batch_columns))
@@ -247,14 +351,17 @@ class Bench:
     def flops_per_sample(self) -> float:
         from torch.utils.flop_counter import FlopCounterMode
 
-        compiled = self.pipe.unet
-        self.pipe.unet = self.inpaint.unet = getattr(compiled, "_orig_mod", compiled)  # count the plain module
+        name = self.family.denoiser
+        compiled = getattr(self.pipe, name)
+        for pipe in (self.pipe, self.inpaint):  # count the plain module
+            setattr(pipe, name, getattr(compiled, "_orig_mod", compiled))
         try:
             with FlopCounterMode(display=False) as counter:
                 self.run_a()
                 self.run_b()
         finally:
-            self.pipe.unet = self.inpaint.unet = compiled
+            for pipe in (self.pipe, self.inpaint):
+                setattr(pipe, name, compiled)
         return counter.get_total_flops() / self.batch
 
 

@@ -8,12 +8,15 @@ step counts, guidance and removal settings then say how often each runs per trip
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
 
 from schemas.config import RunConfig
-from stages.models import ModelLoadError, config_source
+from stages.families import FAMILIES
+from stages.generate import native_size
+from stages.models import ModelLoadError, check_supported, config_source, load_text_layout
 
 
 def _count(run) -> int:
@@ -24,59 +27,118 @@ def _count(run) -> int:
     return counter.get_total_flops()
 
 
-@functools.lru_cache(maxsize=4)
-def _meta_networks(source: str, inpaint_source: str | None):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _read_json(source: str, name: str) -> dict:
+    from huggingface_hub import hf_hub_download
 
+    path = Path(source) / name
+    if not path.is_file():
+        path = Path(hf_hub_download(source, name))
+    return json.loads(path.read_text())
+
+
+def _model_index(source: str) -> dict:
     try:
-        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet")
-        vae_config = AutoencoderKL.load_config(source, subfolder="vae")
-        text_config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder")
-        inpaint_config = UNet2DConditionModel.load_config(inpaint_source, subfolder="unet") if inpaint_source else None
+        return _read_json(source, "model_index.json")
+    except Exception:  # noqa: BLE001 - no index: the family's usual classes
+        return {}
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_networks(source: str, inpaint_source: str | None, family_name: str):
+    """The denoiser, the inpainting denoiser, the VAE and the text encoders, built from their
+    configs on the meta device; the classes are the ones model_index.json names."""
+    import diffusers
+    import transformers
+
+    family = FAMILIES[family_name]
+    try:
+        index = _model_index(source)
+        denoiser_class = getattr(diffusers, index.get(family.denoiser, [None, DENOISER_CLASSES[family.denoiser]])[1])
+        denoiser_config = denoiser_class.load_config(source, subfolder=family.denoiser)
+        vae_config = diffusers.AutoencoderKL.load_config(source, subfolder="vae")
+        inpaint_config = denoiser_class.load_config(inpaint_source, subfolder=family.denoiser) if inpaint_source else None
+        encoders = []
+        for name in sorted(k for k in index if k.startswith("text_encoder") and index[k][1]) or ["text_encoder"]:
+            encoder_class = getattr(transformers, index.get(name, [None, "CLIPTextModel"])[1])
+            encoders.append((name, encoder_class, encoder_class.config_class.from_pretrained(source, subfolder=name)))
     except Exception as error:  # noqa: BLE001 - any config that cannot be read is reported the same way
         raise ModelLoadError(f"model.path: cannot read the model's configs from '{source}': {error}".splitlines()[0]) from None
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-        inpaint = UNet2DConditionModel.from_config(inpaint_config) if inpaint_config else unet
-        return unet, inpaint, AutoencoderKL.from_config(vae_config), CLIPTextModel(text_config)
+        denoiser = denoiser_class.from_config(denoiser_config)
+        inpaint = denoiser_class.from_config(inpaint_config) if inpaint_config else denoiser
+        texts = [(name, encoder_class(config)) for name, encoder_class, config in encoders]
+        return denoiser, inpaint, diffusers.AutoencoderKL.from_config(vae_config), texts
+
+
+DENOISER_CLASSES = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel"}
+
+
+def _denoiser_step(network, latent: tuple[int, int], text_tokens: int) -> int:
+    """FLOPs of one denoiser call at batch 1, its inputs shaped as each architecture takes them."""
+    meta = dict(device="meta")
+    config = network.config
+    step = torch.zeros(1, **meta)
+    if hasattr(config, "cross_attention_dim"):  # a UNet
+        sample = torch.zeros(1, config.in_channels, *latent, **meta)
+        states = torch.zeros(1, text_tokens, config.cross_attention_dim, **meta)
+        added = {}
+        if config.addition_embed_type == "text_time":  # SDXL: pooled text and six size numbers
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            added = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, pooled, **meta),
+                                           "time_ids": torch.zeros(1, 6, **meta)}}
+        return _count(lambda: network(sample, step, encoder_hidden_states=states, **added))
+    states = torch.zeros(1, text_tokens, config.joint_attention_dim, **meta)
+    pooled_vector = torch.zeros(1, config.pooled_projection_dim, **meta)
+    if hasattr(config, "axes_dims_rope"):  # Flux: latents packed 2x2 into tokens, positions as ids
+        tokens = (latent[0] // 2) * (latent[1] // 2)
+        sample = torch.zeros(1, tokens, config.in_channels, **meta)
+        extra = {"img_ids": torch.zeros(tokens, 3, **meta), "txt_ids": torch.zeros(text_tokens, 3, **meta),
+                 "guidance": step if config.guidance_embeds else None}
+        return _count(lambda: network(sample, states, pooled_vector, step, **extra))
+    sample = torch.zeros(1, config.in_channels, *latent, **meta)
+    return _count(lambda: network(sample, states, pooled_vector, step))
 
 
 def flops_per_triple(config: RunConfig) -> dict[str, float]:
     """FLOPs of one image / mask / background triple, by part (attention capture, the masks
     and encoding are left out: they are a small share and not matrix work)."""
     source = config_source(config.model)
+    family = check_supported(config.model, config.capture)
     inpaint_source = config.model.inpaint_path
     if inpaint_source is not None and Path(inpaint_source).is_file():
         inpaint_source = None  # a single-file inpainting UNet: counted with the base UNet's shape
-    unet, inpaint, vae, text = _meta_networks(source, inpaint_source)
+    denoiser, inpaint, vae, texts = _meta_networks(source, inpaint_source, family.name)
+    layout = load_text_layout(config.model)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    height = config.generation.height or unet.config.sample_size * scale
-    width = config.generation.width or unet.config.sample_size * scale
+    native = native_size(denoiser.config, vae.config, scale)
+    height, width = config.generation.height or native, config.generation.width or native
     latent = (height // scale, width // scale)
-    tokens = text.config.max_position_embeddings
     meta = dict(device="meta")
-    states = torch.zeros(1, tokens, unet.config.cross_attention_dim, **meta)
+    text_tokens = sum(segment.length for segment in layout.segments)
 
-    def unet_step(network) -> int:
-        sample = torch.zeros(1, network.config.in_channels, *latent, **meta)
-        return _count(lambda: network(sample, torch.zeros(1, **meta), encoder_hidden_states=states))
+    def text_pass(network) -> int:
+        length = getattr(network.config, "max_position_embeddings", None) or layout.segments[-1].length
+        return _count(lambda: network(torch.zeros(1, length, dtype=torch.long, **meta)))
 
-    text_pass = _count(lambda: text(torch.zeros(1, tokens, dtype=torch.long, **meta)))
+    text_passes = sum(text_pass(network) for _, network in texts)
     decode = _count(lambda: vae.decode(torch.zeros(1, vae.config.latent_channels, *latent, **meta)))
     encode = _count(lambda: vae.encode(torch.zeros(1, 3, height, width, **meta)))
 
     generation, removal = config.generation, config.removal
-    generation_batch = 2 if generation.guidance_scale > 1 else 1  # diffusers' classifier-free guidance
-    removal_batch = 2 if removal.guidance_scale > 1 else 1
+    # classifier-free guidance doubles the batch; a guidance-distilled family has none
+    guided = family.takes_negative_prompt
+    generation_batch = 2 if guided and generation.guidance_scale > 1 else 1
+    removal_batch = 2 if guided and removal.guidance_scale > 1 else 1
     removal_steps = min(int(removal.steps * removal.strength), removal.steps)
-    # Latent blending reuses generation's latents; otherwise (a prefill, a 9-channel UNet)
-    # diffusers' inpainting encodes the image and the masked image.
-    encodes = 0 if inpaint.config.in_channels == 4 and not removal.prefill else 2
+    # Latent blending with a UNet reuses generation's latents; otherwise (a prefill, a
+    # 9-channel UNet, the MM-DiT inpainting pipelines) the image is encoded, and for a
+    # 9-channel UNet the masked image too.
+    blends = family.denoiser == "unet" and inpaint.config.in_channels == 4
+    encodes = 0 if blends and not removal.prefill else (1 if family.denoiser != "unet" else 2)
     parts = {
-        "generate_unet": generation_batch * generation.steps * unet_step(unet),
-        "remove_unet": removal_batch * removal_steps * unet_step(inpaint),
-        "text_encoder": (generation_batch + removal_batch) * text_pass,
+        "generate_denoiser": generation_batch * generation.steps * _denoiser_step(denoiser, latent, text_tokens),
+        "remove_denoiser": removal_batch * removal_steps * _denoiser_step(inpaint, latent, text_tokens),
+        "text_encoder": (generation_batch + removal_batch) * text_passes,
         "vae": 2 * decode + encodes * encode,
     }
     return {**parts, "total": sum(parts.values()), "height": height, "width": width}

@@ -9,6 +9,7 @@ import numpy as np
 from schemas.config import RunConfig
 from schemas.records import PlannedSample
 from stages.prompts import PromptBuilder
+from stages.tokens import TextLayout
 
 # Enough samples to meet every template/concept pairing of a normal config up front.
 PREFLIGHT_SAMPLES = 256
@@ -31,15 +32,10 @@ def shard_range(config: RunConfig, shard: int) -> range:
 class Plan:
     """Deterministic per-sample plan; shards are planned lazily, so a run of millions starts at once."""
 
-    def __init__(self, config: RunConfig, tokenizer):
+    def __init__(self, config: RunConfig, layout: TextLayout):
         self.config = config
-
-        def tokenize(text: str) -> list[int]:
-            return tokenizer(text, add_special_tokens=False).input_ids
-
-        self.tokenize = tokenize
-        self.max_length = tokenizer.model_max_length
-        self.builder = PromptBuilder(config.prompts, tokenize, tokenizer.model_max_length)
+        self.layout = layout
+        self.builder = PromptBuilder(config.prompts, layout)
 
     def sample(self, index: int) -> PlannedSample:
         key = sample_key(index)
@@ -72,8 +68,8 @@ def plan_report(config: RunConfig, plan: Plan, samples: list[PlannedSample], exa
     """What a run of this config will make, before any weights are loaded; `samples` are the
     first ones planned (the preflight's)."""
     looked_at = len(samples)
-    room = plan.max_length - 2  # BOS and EOS
-    tokens = [len(plan.tokenize(s.prompt)) for s in samples]
+    room = plan.layout.room
+    tokens = [plan.layout.count(s.prompt) for s in samples]
     names = config.class_names()
     return {
         "samples": config.output.samples,

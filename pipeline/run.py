@@ -14,7 +14,7 @@ from pipeline.plan import Plan, shard_range
 from pipeline.rundir import RunDir, RunDirError
 from schemas.config import RunConfig
 from schemas.records import RunSummary, ShardStats
-from stages.models import load_tokenizer, model_fingerprint
+from stages.models import check_supported, load_text_layout, model_fingerprint
 
 
 class Progress:
@@ -47,7 +47,8 @@ def run(config: RunConfig, out: Path | str, show_progress: bool = True) -> RunSu
     """Everything that can be refused is checked before the directory is touched; then the
     directory is locked for this run alone, whole shards are kept, the rest are made."""
     rundir = RunDir(Path(out).expanduser().resolve())  # cluster workers do not share our cwd
-    Plan(config, load_tokenizer(config.model)).preflight()
+    check_supported(config.model, config.capture)
+    Plan(config, load_text_layout(config.model)).preflight()
     digest = config.config_hash(model_fingerprint(config.model))
     rundir.check_config(digest)
     rundir.create()

@@ -222,7 +222,117 @@ def build_tiny_sdxl_pipeline(
     )
 
 
-BUILDERS = {"sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline}
+def build_t5_tokenizer(words=DEFAULT_WORDS, max_length: int = 32):
+    """A T5 (SentencePiece unigram) tokenizer in which every listed word is one piece; other
+    text falls back to single characters."""
+    from transformers import T5Tokenizer
+
+    words = list(dict.fromkeys(w.lower() for w in words))
+    characters = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789,.'-"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words]
+    vocab += [(c, -5.0) for c in characters] + [("\u2581" + c, -5.0) for c in characters if "\u2581" + c not in dict(vocab)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def _t5_encoder(tokenizer, dim: int, heads: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=dim, d_kv=dim // heads, d_ff=dim * 2, num_layers=2, num_heads=heads,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id, dropout_rate=0.0,
+    )).eval()  # built, not loaded: in training mode until told
+
+
+def _flow_vae(vae_channels: tuple[int, ...], image_size: int, latent_channels: int):
+    """The MM-DiT families' VAE: no quant convs, a shift as well as a scale."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        norm_num_groups=min(32, vae_channels[0]), sample_size=image_size,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5,
+    )
+
+
+def build_tiny_sd3_pipeline(
+    seed: int = 0,
+    image_size: int = 32,
+    vae_channels: tuple[int, ...] = (32, 64),
+    text_dim: int = 32,
+    heads: int = 2,
+    words=DEFAULT_WORDS,
+    max_length: int = 77,
+    t5_length: int = 32,
+    layers: int = 2,
+):
+    """A randomly initialised StableDiffusion3Pipeline: two CLIP encoders with projections and
+    a T5 encoder; the joint transformer sees the CLIP states (concatenated on the feature
+    axis, zero-padded to T5's width) followed by T5's, as SD3 has them."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tokenizer(words, max_length), build_tokenizer(words, max_length)
+    tokenizer_3 = build_t5_tokenizer(words, t5_length)
+    text_config = _text_config(tokenizer, text_dim, heads, max_length)
+    joint_dim = 2 * text_dim
+    transformer = SD3Transformer2DModel(
+        # 16 latent channels as SD3's VAE has: its inpainting pipeline accepts no other
+        sample_size=image_size // 2 ** (len(vae_channels) - 1), patch_size=2, in_channels=16, out_channels=16,
+        num_layers=layers, attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=joint_dim,
+        caption_projection_dim=16 * heads, pooled_projection_dim=2 * text_dim, pos_embed_max_size=32,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_flow_vae(vae_channels, image_size, 16),
+        text_encoder=CLIPTextModelWithProjection(text_config), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer_2=tokenizer_2,
+        text_encoder_3=_t5_encoder(tokenizer_3, joint_dim, heads), tokenizer_3=tokenizer_3,
+    )
+
+
+def build_tiny_flux_pipeline(
+    seed: int = 0,
+    image_size: int = 32,
+    vae_channels: tuple[int, ...] = (32, 64),
+    text_dim: int = 32,
+    heads: int = 2,
+    words=DEFAULT_WORDS,
+    max_length: int = 77,
+    t5_length: int = 32,
+    layers: int = 2,
+    guidance_embeds: bool = False,
+):
+    """A randomly initialised FluxPipeline: CLIP gives the pooled vector, T5 the token states the
+    joint transformer attends to; latents are packed 2x2 into tokens. `guidance_embeds`
+    makes it Flux-dev shaped (distilled guidance), else Flux-schnell shaped."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tokenizer(words, max_length), build_t5_tokenizer(words, t5_length)
+    latent_channels = 4
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=layers, num_single_layers=layers,
+        attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=text_dim,
+        pooled_projection_dim=text_dim, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+    )
+    return FluxPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=_flow_vae(vae_channels, image_size, latent_channels),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, text_dim, heads, max_length)), tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(tokenizer_2, text_dim, heads), tokenizer_2=tokenizer_2,
+    )
+
+
+BUILDERS = {
+    "sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline, "sd3": build_tiny_sd3_pipeline,
+    "flux": build_tiny_flux_pipeline,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=32, help="native image size (default 32)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from stages.models import quiet_libraries
+
+    quiet_libraries()
     BUILDERS[args.family](seed=args.seed, image_size=args.size).save_pretrained(args.out)
     print(f"{args.out}: a tiny {args.family} pipeline, {args.size} px")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -80,10 +81,11 @@ class ShardWorker:
             device = pick_device(config.model.device)
             pipe = load_text_to_image(config.model, device, pick_dtype(config.model.dtype, device))
         device = pipe.device
-        self.plan = Plan(config, pipe.tokenizer)
         self.generate = Generate(pipe, config.generation, config.capture)
+        self.plan = Plan(config, self.generate.layout)
         self.weak_mask = WeakMask(config.mask)
-        self.remove = Remove(load_inpainting(pipe, config.model), config.removal)
+        self.remove = Remove(load_inpainting(pipe, config.model), config.removal,
+                             functools.partial(self.generate.family.prompt_kwargs, self.generate.layout))
         self.refine = Refine(config.refine)
         self.filter = Filter(config.filter)
         self.cpu = ThreadPoolExecutor(config.execution.cpu_threads, thread_name_prefix="maskmint-cpu")

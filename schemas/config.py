@@ -77,9 +77,10 @@ class ModelConfig(Section):
         default=None,
         description="diffusers folder or hub id holding the configs for a single-file checkpoint",
     )
-    family: Literal["auto", "sd", "sdxl"] = Field(
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = Field(
         default="auto",
-        description="sd (1.x/2.x) or sdxl; auto reads model_index.json's class (or a single file's tensor names)",
+        description="sd (1.x/2.x), sdxl, sd3 or flux; auto reads model_index.json's class (or a single file's "
+        "tensor names)",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field(default="auto", description="'auto' picks cuda when present, else cpu")

@@ -5,6 +5,11 @@ when a step is captured it also takes, for the conditional half of the guidance 
 only, the softmax probabilities of the concept tokens' columns and adds them in place to
 one fp32 accumulator per layer. Nothing per step is stored, and nothing syncs to the host.
 
+MM-DiT families (SD3, Flux) have no cross-attention: text tokens are keys beside the image
+tokens in one joint softmax. There the captured block is the image queries x concept-text
+keys of that joint softmax (normalised over every key, text and image), from the joint
+layers of the double-stream blocks.
+
 Optionally (Dataset Diffusion's refinement) the self-attention layers at one resolution add
 their head-mean attention probabilities [N, N] to one more accumulator, the affinity A; the
 concept maps are then refined as A^k times the map at that resolution.
@@ -16,9 +21,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from schemas.config import CaptureConfig
+
+
+QUERY_CHUNK_ELEMENTS = 1 << 26  # fp32 scores held at once by `add` (256 MiB)
 
 
 class ConceptAttentionStore:
@@ -93,15 +104,21 @@ class ConceptAttentionStore:
         grid = flat.view(*maps.shape[:2], rows, cols)
         return F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False).clamp_(min=0)
 
-    def add(self, layer: str, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
-        """query [2B or B, heads, N, d], key [2B or B, heads, L, d]: add this step's concept probabilities."""
+    def add(self, layer: str, query: torch.Tensor, key: torch.Tensor, scale: float, text_start: int = 0) -> None:
+        """query [2B or B, heads, N, d] (image tokens), key [2B or B, heads, L, d] (every key the
+        softmax runs over; the text tokens from `text_start`): add this step's concept probabilities."""
         batch = self.token_index.shape[0]
         query, key = query[-batch:], key[-batch:]  # the conditional half comes last
-        scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)
-        log_norm = torch.logsumexp(scores, dim=-1, keepdim=True)
-        heads, tokens = scores.shape[1], scores.shape[2]
-        index = self.token_index[:, None, None, :].expand(batch, heads, tokens, -1)
-        probs = scores.gather(-1, index).sub_(log_norm).exp_()
+        heads, tokens = query.shape[1], query.shape[2]
+        # bounded memory: the full score matrix of a large joint layer would not fit at once
+        rows = max(1, QUERY_CHUNK_ELEMENTS // (batch * heads * key.shape[2]))
+        parts = []
+        for start in range(0, tokens, rows):
+            scores = torch.matmul(query[:, :, start : start + rows], key.transpose(-1, -2)).float().mul_(scale)
+            log_norm = torch.logsumexp(scores, dim=-1, keepdim=True)
+            index = (self.token_index + text_start)[:, None, None, :].expand(batch, heads, scores.shape[2], -1)
+            parts.append(scores.gather(-1, index).sub_(log_norm).exp_())
+        probs = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         if layer in self.sums:
             self.sums[layer].add_(probs)
         else:
@@ -207,14 +224,101 @@ class CapturingAttnProcessor(AttnProcessor2_0):
         return hidden_states / attn.rescale_output_factor
 
 
-def install_capture(unet, config: CaptureConfig) -> ConceptAttentionStore:
-    """Put capturing processors on every cross-attention layer (attn2), and on self-attention
-    (attn1) when it refines the maps; plain SDPA elsewhere."""
+class SD3CaptureProcessor(JointAttnProcessor2_0):
+    """SD3's joint attention (image tokens first, then text), computed as its own processor
+    does; the image-query x concept-key block goes to the store."""
+
+    def __init__(self, store: ConceptAttentionStore, layer: str):
+        super().__init__()
+        self.store = store
+        self.layer = layer
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if encoder_hidden_states is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        batch, image_tokens = hidden_states.shape[:2]
+
+        def heads(x):
+            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        text_query = heads(attn.add_q_proj(encoder_hidden_states))
+        text_key = heads(attn.add_k_proj(encoder_hidden_states))
+        text_value = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            text_query = attn.norm_added_q(text_query)
+        if attn.norm_added_k is not None:
+            text_key = attn.norm_added_k(text_key)
+        query = torch.cat([query, text_query], dim=2)
+        key = torch.cat([key, text_key], dim=2)
+        value = torch.cat([value, text_value], dim=2)
+        if self.store.wants(self.layer, image_tokens):
+            self.store.add(self.layer, query[:, :, :image_tokens], key, query.shape[-1] ** -0.5, text_start=image_tokens)
+
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
+        hidden_states, encoder_hidden_states = out[:, :image_tokens], out[:, image_tokens:]
+        if not attn.context_pre_only:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        return hidden_states, encoder_hidden_states
+
+
+class FluxCaptureProcessor(FluxAttnProcessor):
+    """Flux's joint attention of a double-stream block (text tokens first, then image), as its
+    own processor computes it; the image-query x concept-key block goes to the store."""
+
+    def __init__(self, store: ConceptAttentionStore, layer: str):
+        super().__init__()
+        self.store = store
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is None or attn.added_kv_proj_dim is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query, key, value, text_query, text_key, text_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        text_query, text_key, text_value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (text_query, text_key, text_value))
+        text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
+        text_tokens = encoder_hidden_states.shape[1]
+        query = torch.cat([text_query, query], dim=1)
+        key = torch.cat([text_key, key], dim=1)
+        value = torch.cat([text_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if self.store.wants(self.layer, hidden_states.shape[1]):
+            self.store.add(self.layer, query[:, text_tokens:].transpose(1, 2), key.transpose(1, 2), query.shape[-1] ** -0.5)
+
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config)
+        out = out.flatten(2, 3).to(query.dtype)
+        encoder_hidden_states, hidden_states = out.split_with_sizes([text_tokens, out.shape[1] - text_tokens], dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
+def install_capture(denoiser, config: CaptureConfig, attention: str = "cross") -> ConceptAttentionStore:
+    """Put capturing processors on the layers that read concept attention, keeping every
+    other layer's own computation: a UNet's cross-attention (attn2), and self-attention
+    (attn1) when it refines the maps; an MM-DiT's joint layers in its double-stream blocks."""
     store = ConceptAttentionStore(config)
-    captured = ("attn2", "attn1") if config.self_attention else ("attn2",)
     processors = {}
-    for name in unet.attn_processors:
-        layer = name.removesuffix(".processor")
-        processors[name] = CapturingAttnProcessor(store, layer) if layer.endswith(captured) else AttnProcessor2_0()
-    unet.set_attn_processor(processors)
+    if attention == "cross":
+        captured = ("attn2", "attn1") if config.self_attention else ("attn2",)
+        for name in denoiser.attn_processors:
+            layer = name.removesuffix(".processor")
+            processors[name] = CapturingAttnProcessor(store, layer) if layer.endswith(captured) else AttnProcessor2_0()
+    else:
+        joint = SD3CaptureProcessor if attention == "joint_image_first" else FluxCaptureProcessor
+        for name, processor in denoiser.attn_processors.items():
+            layer = name.removesuffix(".processor")
+            double_stream = layer.startswith("transformer_blocks.") and layer.endswith(".attn")
+            processors[name] = joint(store, layer) if double_stream else processor
+    denoiser.set_attn_processor(processors)
     return store

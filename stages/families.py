@@ -1,21 +1,26 @@
-"""Model families: what differs between the UNet pipelines maskmint runs, in one place.
+"""Model families: what differs between the pipelines maskmint runs, in one place.
 
-SD 1.x/2.x and SDXL share everything that matters to maskmint: a CLIP tokenizer whose
-positions are the positions cross-attention sees (SDXL concatenates its two encoders'
-states on the feature axis, so there are still 77), cross-attention on the UNet's `attn2`
-layers, the same `__call__` and latents. What differs is which diffusers classes load and
-inpaint, and the keyword arguments that keep loading offline and unwatermarked. So a
-family is a small record, picked once from `model.family` (or from the checkpoint), and
-nothing else in maskmint asks which family it runs.
+SD 1.x/2.x and SDXL: a CLIP tokenizer whose positions are the positions cross-attention
+sees (SDXL concatenates its two encoders' states on the feature axis, so there are still
+77) and cross-attention on the UNet's `attn2` layers. SD3 and Flux (MM-DiT): a transformer
+whose joint attention takes text tokens as keys beside image tokens; SD3's text sequence
+is CLIP's 77 followed by T5's, Flux's is T5's alone; latents carry a shift as well as a
+scale, and Flux packs them 2x2 into tokens. What else differs is which diffusers classes
+load and inpaint, and the keyword arguments that keep loading offline and unwatermarked.
+So a family is a small record, picked once from `model.family` (or from the checkpoint),
+and nothing else in maskmint asks which family it runs.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from schemas.config import ModelConfig
+from stages.tokens import TextLayout, TextSegment
 
 
 class UnsupportedModel(ValueError):
@@ -32,6 +37,42 @@ class Family:
     single_file_kwargs: dict = field(default_factory=dict)
     inpainting_kwargs: dict = field(default_factory=dict)
     single_file_marker: str = ""  # a tensor name only this family's original checkpoints hold
+    denoiser: Literal["unet", "transformer"] = "unet"
+    # how concept attention is read: UNet cross-attention, or the joint attention of an MM-DiT
+    # whose sequence puts the image tokens first (SD3) or the text tokens first (Flux)
+    attention: Literal["cross", "joint_image_first", "joint_text_first"] = "cross"
+    # the text sequence attention sees: (tokenizer component, most tokens the pipeline is
+    # given; None: the tokenizer's own limit), in sequence order
+    text_tokenizers: tuple[tuple[str, int | None], ...] = (("tokenizer", None),)
+    takes_negative_prompt: bool = True  # False: guidance-distilled, no unconditional batch
+    packed_latents: bool = False
+
+    def text_layout(self, tokenizers: Mapping[str, Any]) -> TextLayout:
+        """Where concept tokens sit, from the family's tokenizers (a pipeline's or loaded alone)."""
+        segments, offset = [], 0
+        for name, most in self.text_tokenizers:
+            tokenizer = tokenizers[name]
+            length = tokenizer.model_max_length if most is None else min(most, tokenizer.model_max_length)
+            segments.append(TextSegment(tokenizer, length, offset))
+            offset += length
+        return TextLayout(segments)
+
+    def prompt_kwargs(self, layout: TextLayout, prompts: list[str], negatives: list[str]) -> dict:
+        """The text arguments of the family's __call__, the T5 length matching `layout`."""
+        kwargs: dict[str, Any] = {"prompt": prompts}
+        if self.takes_negative_prompt:
+            kwargs["negative_prompt"] = negatives
+        if len(self.text_tokenizers) > 1 or self.text_tokenizers[0][1] is not None:
+            kwargs["max_sequence_length"] = layout.segments[-1].length
+        return kwargs
+
+    def latents_for_vae(self, pipe, latents, height: int, width: int):
+        """The pipeline's latent output as the VAE's input: unpacked, unscaled, unshifted."""
+        if self.packed_latents:
+            latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        scaled = latents / pipe.vae.config.scaling_factor
+        shift = getattr(pipe.vae.config, "shift_factor", None)
+        return scaled + shift if shift else scaled
 
 
 SD = Family(
@@ -57,14 +98,46 @@ SDXL = Family(
     single_file_marker="conditioner.embedders.1.",
 )
 
-FAMILIES = {family.name: family for family in (SD, SDXL)}
+SD3 = Family(
+    name="sd3",
+    pipeline_classes=("StableDiffusion3Pipeline",),
+    text_to_image="StableDiffusion3Pipeline",
+    inpainting="StableDiffusion3InpaintPipeline",
+    single_file_marker="joint_blocks.",
+    denoiser="transformer",
+    attention="joint_image_first",
+    text_tokenizers=(("tokenizer", None), ("tokenizer_3", 256)),  # the pipeline's default T5 length
+)
+
+FLUX = Family(
+    name="flux",
+    pipeline_classes=("FluxPipeline",),
+    text_to_image="FluxPipeline",
+    inpainting="FluxInpaintPipeline",
+    single_file_marker="double_blocks.",
+    denoiser="transformer",
+    attention="joint_text_first",
+    text_tokenizers=(("tokenizer_2", 512),),
+    takes_negative_prompt=False,
+    packed_latents=True,
+)
+
+FAMILIES = {family.name: family for family in (SD, SDXL, SD3, FLUX)}
 # Pipelines people ask for that maskmint does not run yet: a clear refusal, not a traceback.
 NOT_YET = {
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-    "FluxFillPipeline": "flux",
+    "FluxFillPipeline": "flux-fill",
     "PixArtAlphaPipeline": "pixart",
+    "HunyuanDiTPipeline": "hunyuan-dit",
 }
+
+
+def family_of_pipeline(pipe) -> Family:
+    """The family of an already loaded pipeline (benchmarks hand one in)."""
+    name = type(pipe).__name__
+    for family in FAMILIES.values():
+        if name in family.pipeline_classes:
+            return family
+    raise UnsupportedModel(f"a {name} is not a pipeline maskmint runs")
 
 
 def _pipeline_class(source: str) -> str | None:

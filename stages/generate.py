@@ -9,13 +9,24 @@ import torch.nn.functional as F
 from schemas.config import CaptureConfig, GenerationConfig
 from schemas.records import ConceptSpan
 from stages.capture import install_capture
+from stages.families import family_of_pipeline
+from stages.tokens import TextLayout
 
 # Inductor generates kernels; tests swap in "eager" to check tracing without the codegen wait.
 COMPILE_BACKEND = "inductor"
 
 
+def native_size(denoiser_config, vae_config, vae_scale: int) -> int:
+    """The model's own image size: the denoiser's latent size where it declares one (UNets,
+    SD3), else the VAE's image size (Flux)."""
+    latent = getattr(denoiser_config, "sample_size", None)
+    return latent * vae_scale if latent else vae_config.sample_size
+
+
 def image_size(pipe, config: GenerationConfig) -> tuple[int, int]:
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    components = pipe.components
+    denoiser = components["unet"] if components.get("unet") is not None else components["transformer"]
+    native = native_size(denoiser.config, pipe.vae.config, pipe.vae_scale_factor)
     return config.height or native, config.width or native
 
 
@@ -41,10 +52,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [-1, 1]; a VAE that overflows in fp16 (SDXL's, `force_upcast`)
-    decodes in fp32, as diffusers' own pipelines do."""
-    scaled = latents / vae.config.scaling_factor
+def decode(vae, scaled: torch.Tensor) -> torch.Tensor:
+    """VAE-space latents -> images in [-1, 1]; a VAE that overflows in fp16 (SDXL's,
+    `force_upcast`) decodes in fp32, as diffusers' own pipelines do."""
     if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         vae.to(torch.float32)
         try:
@@ -56,18 +66,21 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 class Generate:
     """Batch stage: prompts -> `image` uint8 [B,H,W,3], `heatmap` float32 [B,C,H,W], `finite` bools,
-    and `latents` (scaled, on the model's device) so removal need not encode the image again."""
+    and `latents` (as the pipeline returns them, on the model's device) so removal need not encode the image again."""
 
     def __init__(self, pipe, generation: GenerationConfig, capture: CaptureConfig):
         self.pipe = pipe
+        self.family = family = family_of_pipeline(pipe)
+        self.layout: TextLayout = family.text_layout(pipe.components)
         self.config = generation
-        self.store = install_capture(pipe.unet, capture)
+        denoiser = getattr(pipe, family.denoiser)
+        self.store = install_capture(denoiser, capture, family.attention)
         if generation.channels_last:
-            pipe.unet.to(memory_format=torch.channels_last)
+            denoiser.to(memory_format=torch.channels_last)
         if generation.compile:
             # After the processors are in, so capture is traced into the graph. Removal by latent
-            # blending shares this UNet and gets graphs of its own for the uncaptured path.
-            pipe.unet = torch.compile(pipe.unet, backend=COMPILE_BACKEND)
+            # blending shares this denoiser and gets graphs of its own for the uncaptured path.
+            setattr(pipe, family.denoiser, torch.compile(denoiser, backend=COMPILE_BACKEND))
         self.height, self.width = image_size(pipe, generation)
 
     @torch.inference_mode()
@@ -79,8 +92,7 @@ class Generate:
         self.store.begin(index.to(device), latent_hw)
         try:
             latents = pipe(
-                prompt=list(batch["prompt"]),
-                negative_prompt=list(batch["negative_prompt"]),
+                **self.family.prompt_kwargs(self.layout, list(batch["prompt"]), list(batch["negative_prompt"])),
                 num_inference_steps=self.config.steps,
                 guidance_scale=self.config.guidance_scale,
                 height=self.height,
@@ -93,7 +105,7 @@ class Generate:
         finally:
             self.store.end()
         heat = F.interpolate(heat, size=(self.height, self.width), mode="bicubic", align_corners=False).clamp_(min=0)
-        decoded = decode(pipe.vae, latents)
+        decoded = decode(pipe.vae, self.family.latents_for_vae(pipe, latents, self.height, self.width))
         finite = torch.isfinite(decoded).flatten(1).all(dim=1) & torch.isfinite(heat).flatten(1).all(dim=1)
         return {
             "image": to_uint8(decoded),

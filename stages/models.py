@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from schemas.config import ModelConfig
-from stages.families import Family, UnsupportedModel, resolve_family
+from schemas.config import CaptureConfig, ModelConfig
+from stages.families import Family, UnsupportedModel, family_of_pipeline, resolve_family
+from stages.tokens import TextLayout
 
 
 class ModelLoadError(RuntimeError):
@@ -92,6 +93,19 @@ def family_of(config: ModelConfig) -> Family:
         raise ModelLoadError(str(error)) from None
 
 
+def check_supported(model: ModelConfig, capture: CaptureConfig) -> Family:
+    """The family, once the options it cannot honour are refused: before a run writes anything."""
+    family = family_of(model)
+    if family.denoiser != "unet" and model.inpaint_path is not None:
+        raise ModelLoadError(
+            f"model.inpaint_path: a dedicated inpainting checkpoint is not supported for family {family.name}; "
+            "leave it out to remove objects with the base model"
+        )
+    if family.attention != "cross" and capture.self_attention:
+        raise ModelLoadError(f"capture.self_attention: not available for family {family.name} (only sd, sdxl)")
+    return family
+
+
 def load_text_to_image(config: ModelConfig, device: torch.device, dtype: torch.dtype):
     """The family's text-to-image pipeline on `device`, progress bars off, nothing fetched
     that the family does not need (safety checker, watermarker)."""
@@ -123,7 +137,7 @@ def load_inpainting(base, config: ModelConfig):
     import diffusers
     from diffusers import UNet2DConditionModel
 
-    family = family_of(config)
+    family = family_of_pipeline(base)
     components = dict(base.components)
     if config.inpaint_path is not None:
         try:
@@ -150,21 +164,24 @@ def config_source(config: ModelConfig) -> str:
     return source
 
 
-def load_tokenizer(config: ModelConfig):
-    """Just the tokenizer: planning needs token positions without loading any network. The
+def load_text_layout(config: ModelConfig) -> TextLayout:
+    """Where concept tokens sit, from the tokenizers alone: planning needs no network. The
     family is resolved first, so a pipeline maskmint does not run is refused before a run
-    writes anything. (SDXL's second tokenizer has the same vocabulary and positions.)"""
-    family_of(config)
-    return _tokenizer_at(config_source(config))
+    writes anything."""
+    family = family_of(config)
+    source = config_source(config)
+    return family.text_layout({name: _tokenizer_at(source, name) for name, _ in family.text_tokenizers})
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer_at(source: str):
+def _tokenizer_at(source: str, subfolder: str):
     # Cached: `plan`, the run's preflight and the in-process worker all ask for it.
-    from transformers import CLIPTokenizer
+    from transformers import AutoTokenizer
 
     quiet_libraries()
     try:
-        return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        return AutoTokenizer.from_pretrained(source, subfolder=subfolder)
     except Exception as error:  # noqa: BLE001
-        raise ModelLoadError(f"model.path: cannot load the tokenizer of '{source}': {error}".splitlines()[0]) from error
+        raise ModelLoadError(
+            f"model.path: cannot load the tokenizer ({subfolder}) of '{source}': {error}".splitlines()[0]
+        ) from error

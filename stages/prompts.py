@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-
 import numpy as np
 
 from pydantic import ValidationError
@@ -20,29 +18,13 @@ from schemas.config import (
     find_word,
 )
 from schemas.records import ConceptSpan
-
-Tokenize = Callable[[str], list[int]]  # text -> token ids without BOS/EOS
-
-
-class PromptError(ValueError):
-    """A prompt the model cannot take (e.g. the concept falls past the token limit)."""
-
+from stages.tokens import PromptError, TextLayout
 
 def _drop_concept(text: str, word: str) -> str:
     # "a photo of a dog in a park" -> "a photo of in a park": the article goes with the word.
     text = re.sub(rf"\b(?:an?|the)\s+{re.escape(word)}\b", "", text, count=1, flags=re.IGNORECASE)
     text = re.sub(rf"\b{re.escape(word)}\b", "", text, count=1, flags=re.IGNORECASE)
     return re.sub(r"\s+", " ", text).strip(" ,")
-
-
-def token_positions(tokenize: Tokenize, prompt: str, span: tuple[int, int], max_length: int) -> list[int]:
-    """Token indices (BOS = 0) covering prompt[span]; CLIP tokenizes word by word, so prefixes line up."""
-    before = len(tokenize(prompt[: span[0]]))
-    through = len(tokenize(prompt[: span[1]]))
-    positions = list(range(1 + before, 1 + through))
-    if not positions or positions[-1] >= max_length - 1:
-        raise PromptError(f"'{prompt}': concept falls outside the first {max_length - 2} tokens")
-    return positions
 
 
 class LineIndex:
@@ -80,10 +62,9 @@ class PromptBuilder:
     """Deterministic prompt for a sample index. From templates, concepts take turns so classes
     stay balanced; from a prompts file, sample i takes line i mod lines."""
 
-    def __init__(self, config: PromptsConfig, tokenize: Tokenize, max_length: int):
+    def __init__(self, config: PromptsConfig, layout: TextLayout):
         self.config = config
-        self.tokenize = tokenize
-        self.max_length = max_length
+        self.layout = layout
         self.lines = LineIndex(config.file) if config.file is not None else None
         self.by_class = {c.class_id: c for c in config.concepts}
         self.by_name = {c.name.lower(): c for c in config.concepts}
@@ -167,14 +148,14 @@ class PromptBuilder:
             return
 
         def by_length(words):
-            return sorted(words, key=lambda w: -len(self.tokenize(w)))
+            return sorted(words, key=lambda w: -self.layout.count(w))
 
         fillers = {name: by_length(options) for name, options in self.config.fillers.items()}
         longest = {name: options[0] for name, options in fillers.items()}
         concepts = self.config.concepts
         # several concepts: each slot the longest word of another class, longest first, so
         # every slot sits as late as it can; suffixed fillers the next-longest values
-        ranked = sorted(((by_length(c.words)[0], c) for c in concepts), key=lambda wc: -len(self.tokenize(wc[0])))
+        ranked = sorted(((by_length(c.words)[0], c) for c in concepts), key=lambda wc: -self.layout.count(wc[0]))
         for count in sorted(set(self.config.counts_per_image)):
             firsts = enumerate(concepts) if count == 1 else [(0, ranked[0][1])]
             for concept_index, concept in firsts:
@@ -246,7 +227,7 @@ class PromptBuilder:
         spans = []
         for concept, span in found:
             word = prompt[span[0] : span[1]]
-            positions = token_positions(self.tokenize, prompt, span, self.max_length)
+            positions = self.layout.positions(prompt, span)
             spans.append(ConceptSpan(name=concept.name, class_id=concept.class_id, word=word, char_span=span,
                                      token_positions=positions))
         if background is None:

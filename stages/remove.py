@@ -23,9 +23,11 @@ def prefill(image: np.ndarray, region: np.ndarray) -> np.ndarray:
 class Remove:
     """Batch stage: adds `background` uint8 [B,H,W,3]; samples with an empty weak mask keep their image."""
 
-    def __init__(self, inpaint_pipe, config: RemovalConfig):
+    def __init__(self, inpaint_pipe, config: RemovalConfig, prompt_kwargs=None):
+        """`prompt_kwargs(prompts, negatives)`: the family's text arguments (default: SD's)."""
         self.pipe = inpaint_pipe
         self.config = config
+        self.prompt_kwargs = prompt_kwargs or (lambda prompts, negatives: {"prompt": prompts, "negative_prompt": negatives})
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
@@ -40,18 +42,20 @@ class Remove:
         cells = np.stack([cover_cells(regions[i], cell) for i in todo])
         height, width = images.shape[1:3]
         latents = None if self.config.prefill else batch.get("latents")
-        if latents is not None and self.pipe.unet.config.in_channels == 4:
+        unet = self.pipe.components.get("unet")
+        if latents is not None and unet is not None and unet.config.in_channels == 4:
             # Latent blending only needs the image's latents: reuse generation's, skipping two
             # VAE encodes (image and masked image; the latter is unused by a 4-channel UNet).
             image = masked = latents[todo]
         else:
             start = np.stack([prefill(images[i], regions[i]) for i in todo]) if self.config.prefill else images[todo]
             image, masked = start.astype(np.float32) / 255.0, None
+        masked_kwargs = {} if masked is None else {"masked_image_latents": masked}
         inpainted = self.pipe(
-            prompt=[batch["background_prompt"][i] for i in todo],
-            negative_prompt=[batch["background_negative_prompt"][i] for i in todo],
+            **self.prompt_kwargs([batch["background_prompt"][i] for i in todo],
+                                 [batch["background_negative_prompt"][i] for i in todo]),
             image=image,
-            masked_image_latents=masked,
+            **masked_kwargs,
             mask_image=cells[:, :, :, None].astype(np.float32),
             height=height,
             width=width,

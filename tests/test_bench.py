@@ -84,7 +84,7 @@ def test_multi_config_on_the_shipped_model_beats_chance():
     assert summary["object_left"] < 0.05, summary
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def test_throughput_cpu_smoke(tmp_path, model):
     out = tmp_path / "throughput.json"
     assert throughput.main(["--model", model, "--batch", "2", "--steps", "2", "--repeats", "1", "--json", str(out)]) == 0
@@ -146,3 +146,16 @@ def test_toy_training_interrupted_and_rerun_ends_with_the_uninterrupted_weights(
     torch.save({"arguments": {"seed": "9"}}, tmp_path / "cut.ckpt.pt")  # another recipe's checkpoint
     with pytest.raises(SystemExit, match="other arguments"):
         train_toy_model.main(["--out", str(out), *arguments])
+
+
+@pytest.mark.parametrize(("builder", "denoiser", "low", "high"), [
+    ("build_sd15", "unet", 0.85e9, 0.87e9), ("build_sdxl", "unet", 2.55e9, 2.6e9),
+    ("build_sd3", "transformer", 2.0e9, 2.1e9), ("build_flux", "transformer", 11.8e9, 12.0e9),
+])
+def test_full_size_benchmark_models_have_the_published_sizes(builder, denoiser, low, high):
+    """Built on the meta device (shapes only): the denoisers the GPU rows are measured on."""
+    import torch
+
+    with torch.device("meta"):
+        pipe = getattr(throughput, builder)(*([True] if builder == "build_flux" else []))
+    assert low <= sum(p.numel() for p in getattr(pipe, denoiser).parameters()) <= high

@@ -57,11 +57,12 @@ def test_jsonl_prompts_plan_spans_and_classes(jsonl_config, write_config, capsys
     assert examples[2]["background_prompt"] == "an empty park"
 
     from pipeline.plan import Plan
-    from stages.models import load_tokenizer
+    from stages.models import load_text_layout
 
     config = load_config(write_config(jsonl_config))
-    tokenizer = load_tokenizer(config.model)
-    plan = Plan(config, tokenizer)
+    layout = load_text_layout(config.model)
+    tokenizer = layout.segments[0].tokenizer
+    plan = Plan(config, layout)
     two = plan.sample(1)
     assert [(c.name, c.class_id, c.word) for c in two.concepts] == [("zebra", 7, "zebra"), ("dog", 1, "puppy")]
     ids = tokenizer(two.prompt).input_ids

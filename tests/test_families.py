@@ -1,4 +1,4 @@
-"""Model families: the same command, shard format and checks on SD and SDXL tiny models."""
+"""Model families: the same command, shard format and checks on SD and SDXL tiny models (SD3, Flux: test_dit)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import launch
 from bench.chaos import audit
 from pipeline.tiny_model import build_tiny_sdxl_pipeline
 from schemas.config import CaptureConfig, GenerationConfig, ModelConfig
-from stages.families import SD, SDXL, UnsupportedModel, resolve_family
+from stages.families import FLUX, SD, SD3, SDXL, UnsupportedModel, resolve_family
 from stages.generate import Generate, to_uint8, token_slots
 from tests.conftest import TEST_IMAGE_SIZE
 from tests.test_capture import STEPS, StoringProcessor, _batch, _generate_plain, reference_heatmaps
@@ -40,11 +40,16 @@ def test_family_auto_reads_the_checkpoint(tiny_model_dir, sdxl_dir, tmp_path):
     assert resolve_family(ModelConfig(path=str(tiny_model_dir))) is SD
     assert resolve_family(ModelConfig(path=str(sdxl_dir))) is SDXL
     assert resolve_family(ModelConfig(path=str(sdxl_dir), family="sd")) is SD  # explicit wins
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(UnsupportedModel, match="FluxPipeline \\(family flux\\) is not a pipeline maskmint runs"):
-        resolve_family(ModelConfig(path=str(flux)))
+    for class_name, family in (("StableDiffusion3Pipeline", SD3), ("FluxPipeline", FLUX)):
+        folder = tmp_path / class_name
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+        assert resolve_family(ModelConfig(path=str(folder))) is family
+    pixart = tmp_path / "pixart"
+    pixart.mkdir()
+    (pixart / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    with pytest.raises(UnsupportedModel, match="PixArtAlphaPipeline \\(family pixart\\) is not a pipeline maskmint runs"):
+        resolve_family(ModelConfig(path=str(pixart)))
 
     from safetensors.torch import save_file
 
@@ -57,16 +62,16 @@ def test_family_auto_reads_the_checkpoint(tiny_model_dir, sdxl_dir, tmp_path):
 
 
 def test_an_unsupported_pipeline_is_one_line_exit_2(config_dict, write_config, tmp_path, capsys):
-    other = tmp_path / "sd3"
+    other = tmp_path / "pixart"
     other.mkdir()
-    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     config_dict["model"]["path"] = str(other)
     for command in (["plan", "--config", str(write_config(config_dict))],
                     ["run", "--config", str(write_config(config_dict)), "--out", str(tmp_path / "run"), "--quiet"]):
         capsys.readouterr()
         assert launch.main(command) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "StableDiffusion3Pipeline (family sd3)" in err[0] and "model.family" in err[0]
+        assert len(err) == 1 and "PixArtAlphaPipeline (family pixart)" in err[0] and "model.family" in err[0]
     assert not (tmp_path / "run").exists()
 
 
@@ -138,7 +143,8 @@ def test_per_resolution_weighting_equals_slow_reference(sdxl_pipe):
 def test_tiny_model_command_writes_each_family(tmp_path):
     from pipeline.tiny_model import main
 
-    for family, class_name in (("sd", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")):
+    for family, class_name in (("sd", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline"),
+                               ("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline")):
         assert main(["--family", family, "--out", str(tmp_path / family)]) == 0
         assert json.loads((tmp_path / family / "model_index.json").read_text())["_class_name"] == class_name
 
@@ -155,8 +161,9 @@ def test_sdxl_fp16_vae_decodes_in_fp32():
     assert F is not None
 
 
-def test_the_shipped_tiny_sdxl_config_runs(tmp_path):
-    """configs/tiny-sdxl.yaml as the README has it: the tiny model made, then the run."""
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_the_shipped_tiny_family_configs_run(tmp_path, family):
+    """configs/tiny-<family>.yaml as the README has it: the tiny model made, then the run."""
     import shutil
 
     from pathlib import Path
@@ -165,8 +172,8 @@ def test_the_shipped_tiny_sdxl_config_runs(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     shutil.copytree(repo / "configs", tmp_path / "configs")
-    assert main(["--family", "sdxl", "--out", str(tmp_path / "models" / "tiny-sdxl")]) == 0
-    out = tmp_path / "runs" / "tiny-sdxl"
-    assert launch.main(["run", "--config", str(tmp_path / "configs" / "tiny-sdxl.yaml"), "--out", str(out),
+    assert main(["--family", family, "--out", str(tmp_path / "models" / f"tiny-{family}")]) == 0
+    out = tmp_path / "runs" / f"tiny-{family}"
+    assert launch.main(["run", "--config", str(tmp_path / "configs" / f"tiny-{family}.yaml"), "--out", str(out),
                         "--executor", "local", "--quiet"]) == 0
     assert audit(out) == []

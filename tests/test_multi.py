@@ -14,6 +14,8 @@ import launch
 from schemas.config import ConfigError, FilterConfig, MaskConfig, PromptsConfig, RefineConfig, parse_config
 from stages.filter import drop_reason
 from stages.prompts import PromptBuilder
+from stages.tokens import TextLayout
+from stages.tokens import TextLayout
 from stages.refine import refine_mask
 from stages.weak_mask import gmm_threshold, normalise, weak_mask
 
@@ -52,7 +54,7 @@ def tokenizer():
 
 
 def test_prompt_builder_with_two_and_three_concepts(tokenizer):
-    build = PromptBuilder(PromptsConfig(**MULTI), lambda t: tokenizer(t, add_special_tokens=False).input_ids, 77)
+    build = PromptBuilder(PromptsConfig(**MULTI), TextLayout.single(tokenizer))
     made = [build(i, np.random.default_rng(i)) for i in range(60)]
     assert made == [build(i, np.random.default_rng(i)) for i in range(60)]  # deterministic
     names = {c["name"] for c in MULTI["concepts"]}

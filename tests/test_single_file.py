@@ -17,7 +17,7 @@ import launch
 from pipeline.plan import planned_keys
 from pipeline.rundir import RunDir
 from schemas.config import load_config
-from stages.models import load_text_to_image, load_tokenizer
+from stages.models import load_text_layout, load_text_to_image
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -106,7 +106,8 @@ def test_single_file_checkpoint_loads_the_same_weights_and_runs(config_dict, tin
         assert expected.keys() == got.keys(), name
         for key in expected:
             assert torch.equal(expected[key], got[key]), f"{name}.{key}"
-    assert load_tokenizer(model)("a photo of a dog").input_ids == reference.tokenizer("a photo of a dog").input_ids
+    tokenizer = load_text_layout(model).segments[0].tokenizer
+    assert tokenizer("a photo of a dog").input_ids == reference.tokenizer("a photo of a dog").input_ids
 
     # The same seed through both loading paths draws the same image.
     images = [

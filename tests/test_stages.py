@@ -10,7 +10,8 @@ from pipeline.tiny_model import build_tokenizer
 from schemas.config import FilterConfig, MaskConfig, PromptsConfig, RefineConfig
 from stages.filter import drop_reason
 from stages.masks import cover_cells, lab_distance
-from stages.prompts import PromptBuilder, PromptError, token_positions
+from stages.prompts import PromptBuilder
+from stages.tokens import PromptError, TextLayout
 from stages.refine import refine_mask
 from stages.remove import prefill
 from stages.weak_mask import normalise, weak_mask
@@ -126,21 +127,22 @@ def tokenizer():
     return build_tokenizer()
 
 
-def tokenize_with(tokenizer):
-    return lambda text: tokenizer(text, add_special_tokens=False).input_ids
-
-
 def test_token_positions_single_and_multi_token(tokenizer):
-    tokenize = tokenize_with(tokenizer)
+    layout = TextLayout.single(tokenizer)
     ids = tokenizer("a photo of a dog in a park").input_ids
-    assert token_positions(tokenize, "a photo of a dog in a park", (13, 16), 77) == [5]
+    assert layout.positions("a photo of a dog in a park", (13, 16)) == [5]
     assert ids[5] == tokenizer.convert_tokens_to_ids("dog</w>")
     prompt = "a zebra in a park"
-    positions = token_positions(tokenize, prompt, (2, 7), 77)
+    positions = layout.positions(prompt, (2, 7))
     ids = tokenizer(prompt).input_ids
     assert len(positions) == 5 and tokenizer.decode([ids[p] for p in positions]).replace(" ", "") == "zebra"
+    assert layout.room == 75 and layout.count("a zebra") == 6
+    with pytest.raises(PromptError, match="outside the first 75 tokens"):
+        layout.positions("dog " * 80 + "zebra", (320, 325))
+    # the last token before EOS is still inside; the next is not
+    assert layout.positions("dog " * 74 + "cat", (296, 299)) == [75]
     with pytest.raises(PromptError):
-        token_positions(tokenize, "dog " * 80 + "zebra", (320, 325), 77)
+        layout.positions("dog " * 75 + "cat", (300, 303))
 
 
 def test_local_tokenizer_keeps_every_listed_word_whole():
@@ -160,7 +162,7 @@ def test_prompt_builder_is_deterministic_and_balanced(tokenizer):
         templates=[{"prompt": "a {concept} on a {surface}", "background": "a {surface}"}, "a photo of a {concept}"],
         fillers={"surface": ["table", "beach"]},
     )
-    build = PromptBuilder(config, tokenize_with(tokenizer), 77)
+    build = PromptBuilder(config, TextLayout.single(tokenizer))
     made = [build(i, np.random.default_rng(i)) for i in range(40)]
     assert made == [build(i, np.random.default_rng(i)) for i in range(40)]
     assert [spans[0].class_id for *_, spans in made[:4]] == [1, 2, 1, 2]
