@@ -251,7 +251,7 @@ class Bench:
             "generation": {"steps": args.steps, "guidance_scale": 7.5, "batch_size": args.batch,
                            "compile": args.compile, "channels_last": args.channels_last},
             "removal": {"steps": args.steps, "guidance_scale": 7.5},
-            "capture": {"self_attention": args.self_attention},
+            "capture": {"self_attention": args.self_attention, "recipe": args.recipe},
             # keep every sample so all variants do the same work
             "filter": {"min_mask_fraction": 0.0, "max_mask_fraction": 1.0, "max_components": 10**6,
                        "min_image_std": 0.0, "min_removal_delta": 0.0},
@@ -345,8 +345,7 @@ class Bench:
         finally:
             generate.config = saved
         # the accumulators stay in the store until the next batch begins
-        held = [*generate.store.sums.values(), *([generate.store.affinity] if generate.store.affinity is not None else [])]
-        return sum(t.numel() * t.element_size() for t in held), peak
+        return generate.store.held_bytes(), peak
 
     def flops_per_sample(self) -> float:
         from torch.utils.flop_counter import FlopCounterMode
@@ -380,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="UNet in channels-last layout (all variants)")
     parser.add_argument("--self-attention", action="store_true",
                         help="capture.self_attention on (c and d): the affinity refinement's cost in c/a")
+    parser.add_argument("--recipe", choices=["cross", "concept_attention"], default="cross",
+                        help="capture.recipe for c and d (concept_attention: sd3/flux models)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     capture_50, peak_50 = bench.capture_bytes(50)
     flops = bench.flops_per_sample()
     result = {
-        "model": args.model, "device": str(bench.device),
+        "model": args.model, "recipe": args.recipe, "device": str(bench.device),
         "device_name": torch.cuda.get_device_name() if bench.device.type == "cuda" else "cpu",
         "dtype": args.dtype, "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),

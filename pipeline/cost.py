@@ -8,7 +8,6 @@ step counts, guidance and removal settings then say how often each runs per trip
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from schemas.config import RunConfig
 from stages.families import FAMILIES
 from stages.generate import native_size
-from stages.models import ModelLoadError, check_supported, config_source, load_text_layout
+from stages.models import ModelLoadError, check_supported, config_source, load_text_layout, read_model_json
 
 
 def _count(run) -> int:
@@ -27,18 +26,9 @@ def _count(run) -> int:
     return counter.get_total_flops()
 
 
-def _read_json(source: str, name: str) -> dict:
-    from huggingface_hub import hf_hub_download
-
-    path = Path(source) / name
-    if not path.is_file():
-        path = Path(hf_hub_download(source, name))
-    return json.loads(path.read_text())
-
-
 def _model_index(source: str) -> dict:
     try:
-        return _read_json(source, "model_index.json")
+        return read_model_json(source, "model_index.json")
     except Exception:  # noqa: BLE001 - no index: the family's usual classes
         return {}
 

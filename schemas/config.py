@@ -337,6 +337,18 @@ class GenerationConfig(Section):
 
 
 class CaptureConfig(Section):
+    recipe: Literal["cross", "concept_attention"] = Field(
+        default="cross",
+        description="cross: attention probabilities of the concept's tokens (DAAM; for SD3/Flux the image x "
+        "concept block of the joint softmax); concept_attention: ConceptAttention's output-space maps (sd3, flux)",
+    )
+    blocks: list[int] | None = Field(
+        default=None, description="sd3/flux: which double-stream blocks to read (0 = first); None = all"
+    )
+    background_concepts: list[str] = Field(
+        default_factory=lambda: ["background"],
+        description="concept_attention: words that compete with the objects in the softmax, then drop out",
+    )
     steps: list[int] | None = Field(
         default=None, description="denoising step indices to aggregate (0 = first); None = all"
     )
@@ -359,11 +371,18 @@ class CaptureConfig(Section):
     )
     self_attention_power: int = Field(default=4, ge=1, le=16, description="k in A^k")
 
-    @field_validator("steps")
+    @field_validator("steps", "blocks")
     @classmethod
     def _non_negative(cls, value: list[int] | None) -> list[int] | None:
         if value is not None and (not value or min(value) < 0):
-            raise ValueError("must be a non-empty list of step indices >= 0")
+            raise ValueError("must be a non-empty list of indices >= 0")
+        return value
+
+    @field_validator("background_concepts")
+    @classmethod
+    def _words(cls, value: list[str]) -> list[str]:
+        if any(not word.strip() for word in value):
+            raise ValueError("background concepts must be words, not blanks")
         return value
 
 

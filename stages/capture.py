@@ -92,6 +92,11 @@ class ConceptAttentionStore:
             self.affinity.add_(probs)
         self.affinity_terms += 1
 
+    def held_bytes(self) -> int:
+        """What the accumulators hold: constant in the number of steps."""
+        held = [*self.sums.values(), *([self.affinity] if self.affinity is not None else [])]
+        return sum(t.numel() * t.element_size() for t in held)
+
     def refine(self, maps: torch.Tensor) -> torch.Tensor:
         """maps [B, C, h, w] at latent size -> A^k maps, A the mean affinity (rows sum to 1)."""
         height, width = self.latent_hw
@@ -318,7 +323,9 @@ def install_capture(denoiser, config: CaptureConfig, attention: str = "cross") -
         joint = SD3CaptureProcessor if attention == "joint_image_first" else FluxCaptureProcessor
         for name, processor in denoiser.attn_processors.items():
             layer = name.removesuffix(".processor")
-            double_stream = layer.startswith("transformer_blocks.") and layer.endswith(".attn")
-            processors[name] = joint(store, layer) if double_stream else processor
+            parts = layer.split(".")
+            read = parts[0] == "transformer_blocks" and parts[-1] == "attn" and \
+                (config.blocks is None or int(parts[1]) in config.blocks)
+            processors[name] = joint(store, layer) if read else processor
     denoiser.set_attn_processor(processors)
     return store

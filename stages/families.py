@@ -46,6 +46,15 @@ class Family:
     text_tokenizers: tuple[tuple[str, int | None], ...] = (("tokenizer", None),)
     takes_negative_prompt: bool = True  # False: guidance-distilled, no unconditional batch
     packed_latents: bool = False
+    timestep_scale: float = 1.0  # what the transformer multiplies the pipeline's timestep by (Flux: 1000)
+    encode_kwargs: dict = field(default_factory=dict)  # encode_prompt arguments beyond the prompt
+    pooled_output: int = 1  # where encode_prompt returns the pooled text vector
+
+    def encode_text(self, pipe, layout: TextLayout, texts: list[str]):
+        """(token states [N, L, D], pooled vectors [N, P]) of `texts`, by the pipeline's own encoder."""
+        out = pipe.encode_prompt(prompt=texts, prompt_2=None, max_sequence_length=layout.segments[-1].length,
+                                 device=pipe.device, **self.encode_kwargs)
+        return out[0], out[self.pooled_output]
 
     def text_layout(self, tokenizers: Mapping[str, Any]) -> TextLayout:
         """Where concept tokens sit, from the family's tokenizers (a pipeline's or loaded alone)."""
@@ -107,6 +116,8 @@ SD3 = Family(
     denoiser="transformer",
     attention="joint_image_first",
     text_tokenizers=(("tokenizer", None), ("tokenizer_3", 256)),  # the pipeline's default T5 length
+    encode_kwargs={"prompt_3": None, "do_classifier_free_guidance": False},
+    pooled_output=2,
 )
 
 FLUX = Family(
@@ -120,6 +131,7 @@ FLUX = Family(
     text_tokenizers=(("tokenizer_2", 512),),
     takes_negative_prompt=False,
     packed_latents=True,
+    timestep_scale=1000.0,
 )
 
 FAMILIES = {family.name: family for family in (SD, SDXL, SD3, FLUX)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -103,7 +104,28 @@ def check_supported(model: ModelConfig, capture: CaptureConfig) -> Family:
         )
     if family.attention != "cross" and capture.self_attention:
         raise ModelLoadError(f"capture.self_attention: not available for family {family.name} (only sd, sdxl)")
+    if family.attention == "cross" and capture.recipe == "concept_attention":
+        raise ModelLoadError(f"capture.recipe: concept_attention needs an MM-DiT (sd3, flux), not family {family.name}")
+    if family.attention == "cross" and capture.blocks is not None:
+        raise ModelLoadError(f"capture.blocks: reads MM-DiT blocks (sd3, flux); family {family.name} has none")
+    if capture.blocks is not None:
+        try:
+            blocks = read_model_json(config_source(model), f"{family.denoiser}/config.json").get("num_layers")
+        except Exception as error:  # noqa: BLE001
+            raise ModelLoadError(f"model.path: cannot read the {family.denoiser} config: {error}".splitlines()[0]) from None
+        if blocks is not None and max(capture.blocks) >= blocks:
+            raise ModelLoadError(f"capture.blocks: the model has {blocks} double-stream blocks (0..{blocks - 1})")
     return family
+
+
+def read_model_json(source: str, name: str) -> dict:
+    """A JSON file of a model folder or hub id (from the hub cache when offline)."""
+    path = Path(source) / name
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(source, name))
+    return json.loads(path.read_text())
 
 
 def load_text_to_image(config: ModelConfig, device: torch.device, dtype: torch.dtype):

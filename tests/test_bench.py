@@ -84,10 +84,12 @@ def test_multi_config_on_the_shipped_model_beats_chance():
     assert summary["object_left"] < 0.05, summary
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
-def test_throughput_cpu_smoke(tmp_path, model):
+@pytest.mark.parametrize(("model", "recipe"), [("tiny", "cross"), ("tiny-sdxl", "cross"), ("tiny-sd3", "cross"),
+                                               ("tiny-flux", "cross"), ("tiny-flux", "concept_attention")])
+def test_throughput_cpu_smoke(tmp_path, model, recipe):
     out = tmp_path / "throughput.json"
-    assert throughput.main(["--model", model, "--batch", "2", "--steps", "2", "--repeats", "1", "--json", str(out)]) == 0
+    assert throughput.main(["--model", model, "--recipe", recipe, "--batch", "2", "--steps", "2", "--repeats", "1",
+                            "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert all(rate > 0 for rate in result["samples_per_s"].values())
     assert result["capture_bytes_10_steps"] == result["capture_bytes_50_steps"] > 0  # no per-step growth
