@@ -200,7 +200,10 @@ def build_tiny_sdxl_pipeline(
 
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = build_tokenizer(words, max_length), build_tokenizer(words, max_length)
-    text_config = _text_config(tokenizer, text_dim, heads, max_length)
+    # the second encoder is the wider one, as OpenCLIP bigG is beside CLIP-L (single-file
+    # loading tells them apart by width)
+    text_config, text_config_2 = (_text_config(tokenizer, text_dim, heads, max_length),
+                                  _text_config(tokenizer_2, 2 * text_dim, heads, max_length))
     vae = _vae(vae_channels, image_size)
     time_dim = 8
     unet = UNet2DConditionModel(
@@ -208,15 +211,15 @@ def build_tiny_sdxl_pipeline(
         block_out_channels=unet_channels, layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D",) * len(unet_channels),
         up_block_types=("CrossAttnUpBlock2D",) * len(unet_channels),
-        cross_attention_dim=2 * text_dim, attention_head_dim=heads, use_linear_projection=True,
+        cross_attention_dim=3 * text_dim, attention_head_dim=heads, use_linear_projection=True,
         norm_num_groups=min(32, unet_channels[0]),
         # deeper levels hold more transformer layers, as in SDXL (there: 0, 2, 10)
         transformer_layers_per_block=tuple(range(1, len(unet_channels) + 1)),
         addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + text_dim,  # 6 size/crop numbers + pooled text
+        projection_class_embeddings_input_dim=6 * time_dim + 2 * text_dim,  # 6 size/crop numbers + pooled text
     )
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
+        vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config_2),
         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=sd_ddim_scheduler(),
         force_zeros_for_empty_prompt=False, add_watermarker=False,
     )

@@ -22,7 +22,9 @@ from stages.models import load_text_layout, load_text_to_image
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+            # SDXL's size/crop and pooled-text embedding
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -130,3 +132,57 @@ def test_single_file_without_its_config_folder_is_a_clear_error(config_dict, wri
     assert launch.main(["run", "--config", str(write_config(data)), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "single_file_config" in err and "Traceback" not in err
+
+
+def openclip_state(encoder) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection under OpenCLIP's names: fused q/k/v, resblocks, a transposed projection."""
+    state, layers = {}, encoder.state_dict()
+    state["positional_embedding"] = layers["text_model.embeddings.position_embedding.weight"]
+    state["token_embedding.weight"] = layers["text_model.embeddings.token_embedding.weight"]
+    state["ln_final.weight"] = layers["text_model.final_layer_norm.weight"]
+    state["ln_final.bias"] = layers["text_model.final_layer_norm.bias"]
+    state["text_projection"] = layers["text_projection.weight"].T
+    for i in range(encoder.config.num_hidden_layers):
+        ours, theirs = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            state[theirs + f"attn.in_proj_{kind}"] = torch.cat(
+                [layers[ours + f"self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")])
+            for name, old in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                              ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                state[theirs + f"{old}.{kind}"] = layers[ours + f"{name}.{kind}"]
+    return state
+
+
+def sdxl_original_format_state(pipe) -> dict[str, torch.Tensor]:
+    """SDXL's original (Stability generative-models) layout: the SD-style UNet and VAE names,
+    the size/crop embedding as label_emb, CLIP-L under conditioner.embedders.0 and the
+    OpenCLIP bigG-style encoder under conditioner.embedders.1."""
+    state = {k: v for k, v in original_format_state(pipe).items() if not k.startswith("cond_stage_model.")}
+    for key, value in pipe.text_encoder.state_dict().items():
+        state["conditioner.embedders.0.transformer.text_model." + key.removeprefix("text_model.")] = value
+    for key, value in openclip_state(pipe.text_encoder_2).items():
+        state["conditioner.embedders.1.model." + key] = value
+    return {key: value.contiguous() for key, value in state.items()}
+
+
+def test_single_file_sdxl_in_the_original_layout_loads_the_same_weights(tmp_path):
+    from pipeline.tiny_model import build_tiny_sdxl_pipeline
+    from schemas.config import ModelConfig
+    from stages.families import SDXL, resolve_family
+
+    folder = tmp_path / "tiny-sdxl"
+    build_tiny_sdxl_pipeline(seed=4, image_size=32).save_pretrained(folder)
+    reference = load_text_to_image(ModelConfig(path=str(folder)), torch.device("cpu"), torch.float32)
+    checkpoint = tmp_path / "tiny-sdxl.safetensors"
+    state = sdxl_original_format_state(reference)
+    assert any(k.startswith("model.diffusion_model.label_emb.") for k in state)
+    save_file(state, checkpoint)
+
+    model = ModelConfig(path=str(checkpoint), single_file_config=str(folder))
+    assert resolve_family(model) is SDXL  # auto: the OpenCLIP encoder's names say SDXL
+    loaded = load_text_to_image(model, torch.device("cpu"), torch.float32)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        expected, got = getattr(reference, name).state_dict(), getattr(loaded, name).state_dict()
+        assert expected.keys() == got.keys(), name
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), f"{name}.{key}"
