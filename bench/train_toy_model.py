@@ -4,7 +4,7 @@ Tokenizer (CLIP vocab/merges from the world's words), CLIP text encoder, VAE and
 cross-attention UNet are trained here and saved as a standard diffusers
 StableDiffusionPipeline folder, so maskmint runs it by the same code path as real SD.
 
-    python -m bench.train_toy_model --out assets/tiny-sd            # defaults: ~70 min on 2 CPU cores
+    python -m bench.train_toy_model --out assets/tiny-sd            # defaults: 70-100 min on 2 CPU cores
     python -m bench.train_toy_model --resume assets/tiny-sd --out DIR --vae-steps 0 --unet-steps 1000
 
 Stage 1 trains the VAE on renders (reconstruction + small KL); stage 2 freezes it and
