@@ -224,7 +224,7 @@ def test_a_worker_that_never_gets_ready_is_given_up(stand_in):
     progress = Notes()
     start = time.monotonic()
     failed = dispatch(
-        [stand_in.remote(hang_ready=True), stand_in.remote(seconds=0.5)], list(range(10)), Limits(2, 8.0, None), progress
+        [stand_in.remote(hang_ready=True), stand_in.remote(seconds=1.5)], list(range(10)), Limits(2, 8.0, None), progress
     )
     assert failed == {} and progress.samples_seen == 10
     assert any("not ready within worker_start_timeout_s=8" in n for n in progress.notes)
