@@ -46,8 +46,9 @@ class ConceptAttentionStore:
         self.affinity: torch.Tensor | None = None  # [B, N, N]: head-mean self-attention, summed
         self.affinity_terms = 0
 
-    def begin(self, token_index: torch.Tensor, latent_hw: tuple[int, int]) -> None:
-        """Start a batch: token_index is [B, T] positions into the prompt tokens (padding repeats one)."""
+    def begin(self, concepts, token_index: torch.Tensor, latent_hw: tuple[int, int]) -> None:
+        """Start a batch: token_index is [B, T] positions into the prompt tokens (padding repeats one);
+        the concept spans themselves are not needed here."""
         self.sums = {}
         self.affinity, self.affinity_terms = None, 0
         self.token_index = token_index

@@ -44,8 +44,9 @@ class ConceptStream:
 
     # -- per batch -------------------------------------------------------------------------
     @torch.no_grad()
-    def begin(self, concepts: list[list[ConceptSpan]], latent_hw: tuple[int, int]) -> None:
-        """Encode each sample's concepts (its objects, then the background concepts)."""
+    def begin(self, concepts: list[list[ConceptSpan]], token_index, latent_hw: tuple[int, int]) -> None:
+        """Encode each sample's concepts (its objects, then the background concepts); token
+        positions in the prompt are not needed here."""
         self.latent_hw = latent_hw
         self.objects = max(len(spans) for spans in concepts)
         background = list(self.config.background_concepts)

@@ -11,7 +11,7 @@ from schemas.records import ConceptSpan
 from stages.capture import install_capture
 from stages.concept_attention import ConceptStream
 from stages.families import family_of_pipeline
-from stages.models import ModelLoadError
+from stages.models import check_blocks
 from stages.tokens import TextLayout
 
 # Inductor generates kernels; tests swap in "eager" to check tracing without the codegen wait.
@@ -76,9 +76,7 @@ class Generate:
         self.layout: TextLayout = family.text_layout(pipe.components)
         self.config = generation
         denoiser = getattr(pipe, family.denoiser)
-        blocks = len(getattr(denoiser, "transformer_blocks", []))
-        if capture.blocks is not None and max(capture.blocks) >= blocks:
-            raise ModelLoadError(f"capture.blocks: the model has {blocks} double-stream blocks (0..{blocks - 1})")
+        check_blocks(capture.blocks, len(getattr(denoiser, "transformer_blocks", [])))
         if capture.recipe == "concept_attention":
             self.store = ConceptStream(pipe, family, self.layout, capture)
         else:
@@ -97,10 +95,7 @@ class Generate:
         generators = [torch.Generator(device).manual_seed(int(seed)) for seed in batch["seed"]]
         index, weights = token_slots(batch["concepts"])
         latent_hw = (self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor)
-        if isinstance(self.store, ConceptStream):
-            self.store.begin(batch["concepts"], latent_hw)
-        else:
-            self.store.begin(index.to(device), latent_hw)
+        self.store.begin(batch["concepts"], index.to(device), latent_hw)
         try:
             latents = pipe(
                 **self.family.prompt_kwargs(self.layout, list(batch["prompt"]), list(batch["negative_prompt"])),

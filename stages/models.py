@@ -113,9 +113,16 @@ def check_supported(model: ModelConfig, capture: CaptureConfig) -> Family:
             blocks = read_model_json(config_source(model), f"{family.denoiser}/config.json").get("num_layers")
         except Exception as error:  # noqa: BLE001
             raise ModelLoadError(f"model.path: cannot read the {family.denoiser} config: {error}".splitlines()[0]) from None
-        if blocks is not None and max(capture.blocks) >= blocks:
-            raise ModelLoadError(f"capture.blocks: the model has {blocks} double-stream blocks (0..{blocks - 1})")
+        if blocks is not None:
+            check_blocks(capture.blocks, blocks)
     return family
+
+
+def check_blocks(wanted: list[int] | None, blocks: int) -> None:
+    """capture.blocks must name double-stream blocks the model has (checked from its config
+    before a run, and again on the loaded model a benchmark hands in)."""
+    if wanted is not None and max(wanted) >= blocks:
+        raise ModelLoadError(f"capture.blocks: the model has {blocks} double-stream blocks (0..{blocks - 1})")
 
 
 def read_model_json(source: str, name: str) -> dict:
