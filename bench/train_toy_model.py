@@ -208,23 +208,50 @@ def train_vae(vae, steps: int, batch: int, rng, handle, checkpoint: Checkpoint) 
     return std
 
 
-def train_unet(
-    text_encoder, vae, unet, tokenizer, steps: int, batch: int, lr: float, rng, handle, empty_share: float,
-    offset_noise: float, checkpoint: Checkpoint,
+def train_denoiser(
+    name: str, modules: list, steps: int, lr: float, rng, handle, checkpoint: Checkpoint, batch_loss,
 ) -> None:
+    """The denoising stage every toy model shares: AdamW with warm-up, clipping and an EMA that
+    ends in place, resumable from the checkpoint. `batch_loss(generator)` draws a batch and
+    returns its loss."""
     from diffusers.training_utils import EMAModel
 
-    noise_scheduler = noise_schedule()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = [p for module in modules for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
     ema = EMAModel(params, decay=0.9995, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
-    unet.train()
-    text_encoder.train()
+    for module in modules:
+        module.train()
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
     first = checkpoint.resume("unet", generator, optimizer=optimizer, schedule=schedule, ema=ema)
     start, running = time.time(), 0.0
     for step in range(first + 1, steps + 1):
+        loss = batch_loss(generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.step(params)
+        running += loss.item()
+        if step % 100 == 0:
+            rate = (step - first) / (time.time() - start)
+            log(f"{name} step {step}/{steps} loss {running / 100:.5f} ({rate:.2f} steps/s, "
+                f"eta {(steps - step) / rate / 60:.1f} min)", handle)
+            running = 0.0
+        checkpoint.save("unet", step, generator, optimizer=optimizer, schedule=schedule, ema=ema)
+    ema.copy_to(params)
+    for module in modules:
+        module.eval()
+
+
+def train_unet(
+    text_encoder, vae, unet, tokenizer, steps: int, batch: int, lr: float, rng, handle, empty_share: float,
+    offset_noise: float, checkpoint: Checkpoint,
+) -> None:
+    noise_scheduler = noise_schedule()
+
+    def batch_loss(generator: torch.Generator) -> torch.Tensor:
         images, captions = scenes_batch(rng, batch, empty_share)
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
@@ -235,23 +262,9 @@ def train_unet(
             noise += offset_noise * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(prediction, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        ema.step(params)
-        running += loss.item()
-        if step % 100 == 0:
-            rate = (step - first) / (time.time() - start)
-            log(f"unet step {step}/{steps} loss {running / 100:.5f} ({rate:.2f} steps/s, eta {(steps - step) / rate / 60:.1f} min)", handle)
-            running = 0.0
-        checkpoint.save("unet", step, generator, optimizer=optimizer, schedule=schedule, ema=ema)
-    ema.copy_to(params)
-    unet.eval()
-    text_encoder.eval()
+        return F.mse_loss(unet(noisy, timesteps, text_encoder(ids)[0]).sample, noise)
+
+    train_denoiser("unet", [unet, text_encoder], steps, lr, rng, handle, checkpoint, batch_loss)
 
 
 def train_decoder(
@@ -301,6 +314,30 @@ def save_pipeline(out: Path, text_encoder, vae, unet, tokenizer) -> None:
     pipe.to(torch.float32)
 
 
+def parse_with_run_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments every toy trainer takes (seed, threads, log, checkpoints), parsed and applied."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--log", type=Path, default=None, help="log file (default: OUT.train.log beside OUT)")
+    parser.add_argument("--checkpoint-every", type=int, default=200,
+                        help="save OUT.ckpt.pt every this many steps (0: never); a rerun continues from it")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from stages.models import quiet_libraries
+
+    quiet_libraries()
+    return args
+
+
+def open_checkpoint(args: argparse.Namespace, models: dict, rng: np.random.Generator) -> tuple[Checkpoint, Path]:
+    """OUT.ckpt.pt for these arguments (how the run is watched and paced left out) and the log's path."""
+    log_path = args.log or args.out.with_name(args.out.name + ".train.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    recipe = {k: str(v) for k, v in vars(args).items() if k not in ("log", "threads", "checkpoint_every")}
+    return Checkpoint(args.out.with_name(args.out.name + ".ckpt.pt"), recipe, args.checkpoint_every, models, rng), log_path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("assets/toy-sd"))
@@ -317,29 +354,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="per-channel noise offset (tried for plain light scenes; the decoder stage is what fixed them)")
     parser.add_argument("--resume", type=Path, default=None,
                         help="continue from a saved pipeline folder (its tokenizer, VAE, text encoder, UNet)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--log", type=Path, default=None, help="log file (default: OUT.train.log beside OUT)")
-    parser.add_argument("--checkpoint-every", type=int, default=200,
-                        help="save OUT.ckpt.pt every this many steps (0: never); a rerun continues from it")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from stages.models import quiet_libraries
-
-    quiet_libraries()
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start the VAE and UNet from a trained toy folder, with a new tokenizer and text encoder "
+                             "(a new vocabulary without relearning images)")
+    args = parse_with_run_arguments(parser, argv)
     rng = np.random.default_rng(args.seed)
+    if args.resume and args.init:
+        raise SystemExit("--resume and --init: give one")
     if args.resume:
         tokenizer, text_encoder, vae, unet = load_models(args.resume)
     else:
         tokenizer = build_tokenizer(WORDS, max_length=MAX_TOKENS)
         text_encoder, vae, unet = build_models(tokenizer, args.seed)
-    log_path = args.log or args.out.with_name(args.out.name + ".train.log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    recipe = {k: str(v) for k, v in vars(args).items() if k not in ("log", "threads", "checkpoint_every")}
-    checkpoint = Checkpoint(args.out.with_name(args.out.name + ".ckpt.pt"), recipe, args.checkpoint_every,
-                            {"text_encoder": text_encoder, "vae": vae, "unet": unet}, rng)
+        if args.init:
+            _, _, vae, unet = load_models(args.init)
+    checkpoint, log_path = open_checkpoint(args, {"text_encoder": text_encoder, "vae": vae, "unet": unet}, rng)
     with open(log_path, "a" if checkpoint.state else "w") as handle:
         if checkpoint.state:
             log(f"continuing from {checkpoint.path}: {checkpoint.state['stage']} step {checkpoint.state['step']}", handle)
@@ -359,25 +388,34 @@ def main(argv: list[str] | None = None) -> None:
                           DECODER_EMPTY_SHARE, checkpoint)
         save_pipeline(args.out, text_encoder, vae, unet, tokenizer)
         minutes = checkpoint.minutes()
-        previous = args.resume / "training.json" if args.resume else None
-        write_provenance(args.out, vars(args), minutes, log_path,
-                         json.loads(previous.read_text()) if previous and previous.exists() else None)
+        write_provenance(args.out, vars(args), minutes, log_path, read_provenance(args.resume),
+                         **({"initialised_from": read_provenance(args.init)} if args.init else {}))
         checkpoint.path.unlink(missing_ok=True)
         log(f"saved {args.out} after {minutes:.1f} min", handle)
 
 
-def write_provenance(out: Path, arguments: dict, minutes: float, log_path: Path, resumed_from: dict | None = None) -> None:
-    """OUT/training.json: how the shipped weights were made, so they can be made again."""
+def read_provenance(folder: Path | None) -> dict | None:
+    """A trained folder's training.json, to chain into the record of what is made from it."""
+    record = folder / "training.json" if folder else None
+    return json.loads(record.read_text()) if record and record.exists() else None
+
+
+def write_provenance(out: Path, arguments: dict, minutes: float, log_path: Path, resumed_from: dict | None = None,
+                     trained_by: str = "bench/train_toy_model.py", **parts) -> None:
+    """OUT/training.json: how the shipped weights were made, so they can be made again.
+
+    `parts` records where reused parts came from (their own training.json)."""
     import platform
 
     record = {
-        "trained_by": "bench/train_toy_model.py",
+        "trained_by": trained_by,
         "arguments": {k: str(v) for k, v in arguments.items()},
         "wall_minutes": round(minutes, 1),
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "log_tail": log_path.read_text().splitlines()[-6:] if log_path.exists() else [],
         "resumed_from": resumed_from,
+        **parts,
     }
     (Path(out) / "training.json").write_text(json.dumps(record, indent=1))
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from bench import quality, throughput, train_toy_model
+from bench import quality, throughput, train_toy_dit, train_toy_model
 from bench.toyworld import (
     COLORS,
     SHAPES,
@@ -115,6 +116,46 @@ def test_decoder_stage_changes_only_the_decoder(tmp_path):
     assert record["arguments"]["decoder_steps"] == "2" and record["resumed_from"]["trained_by"] == "bench/train_toy_model.py"
 
 
+def test_init_keeps_the_image_networks_and_gives_every_toy_word_one_token(tmp_path):
+    import torch
+
+    from bench.toyworld import WORDS
+
+    out = tmp_path / "toy"
+    train_toy_model.main(["--init", str(REPO / "assets" / "tiny-sd"), "--out", str(out), "--vae-steps", "0",
+                          "--unet-steps", "0", "--decoder-steps", "0"])
+    _, _, vae_before, unet_before = train_toy_model.load_models(REPO / "assets" / "tiny-sd")
+    tokenizer, _, vae_after, unet_after = train_toy_model.load_models(out)
+    for before, after in ((vae_before, vae_after), (unet_before, unet_after)):
+        assert all(torch.equal(x, y) for x, y in zip(before.state_dict().values(), after.state_dict().values()))
+    assert all(len(tokenizer(word, add_special_tokens=False).input_ids) == 1 for word in WORDS)
+    assert tokenizer.model_max_length == train_toy_model.MAX_TOKENS
+    record = json.loads((out / "training.json").read_text())
+    assert record["initialised_from"]["trained_by"] == "bench/train_toy_model.py" and record["resumed_from"] is None
+
+
+def train_cut_and_rerun(trainer, argv: list[str], dying_batch: int, monkeypatch) -> None:
+    """Run `trainer` until it draws its `dying_batch`-th batch, then run it again to the end."""
+    real_batch, calls = trainer.scenes_batch, {"n": 0}
+
+    def failing_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == dying_batch:
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    out = Path(argv[argv.index("--out") + 1])
+    checkpoint = out.with_name(out.name + ".ckpt.pt")
+    monkeypatch.setattr(trainer, "scenes_batch", failing_batch)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.main(argv)
+    assert checkpoint.exists() and not out.exists()
+    monkeypatch.setattr(trainer, "scenes_batch", real_batch)
+    trainer.main(argv)
+    assert not checkpoint.exists()
+    assert "continuing from" in out.with_name(out.name + ".train.log").read_text()
+
+
 def test_toy_training_interrupted_and_rerun_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
     import torch
 
@@ -122,23 +163,9 @@ def test_toy_training_interrupted_and_rerun_ends_with_the_uninterrupted_weights(
                  "--decoder-steps", "3", "--decoder-batch", "2", "--checkpoint-every", "1", "--seed", "5"]
     train_toy_model.main(["--out", str(tmp_path / "whole"), *arguments])
 
-    real_batch, calls = train_toy_model.scenes_batch, {"n": 0}
-
-    def failing_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3 + 1 + 2:  # VAE stage done, its scale taken, two UNet steps done: die in the third
-            raise KeyboardInterrupt
-        return real_batch(*args, **kwargs)
-
-    monkeypatch.setattr(train_toy_model, "scenes_batch", failing_batch)
     out = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        train_toy_model.main(["--out", str(out), *arguments])
-    assert (tmp_path / "cut.ckpt.pt").exists() and not out.exists()
-    monkeypatch.setattr(train_toy_model, "scenes_batch", real_batch)
-    train_toy_model.main(["--out", str(out), *arguments])
-    assert not (tmp_path / "cut.ckpt.pt").exists()
-    assert "continuing from" in (tmp_path / "cut.train.log").read_text()
+    # VAE stage done, its scale taken, two UNet steps done: die in the third
+    train_cut_and_rerun(train_toy_model, ["--out", str(out), *arguments], 3 + 1 + 2 + 1, monkeypatch)
 
     whole, cut = train_toy_model.load_models(tmp_path / "whole"), train_toy_model.load_models(out)
     for a, b in zip(whole[1:], cut[1:]):
@@ -148,6 +175,47 @@ def test_toy_training_interrupted_and_rerun_ends_with_the_uninterrupted_weights(
     torch.save({"arguments": {"seed": "9"}}, tmp_path / "cut.ckpt.pt")  # another recipe's checkpoint
     with pytest.raises(SystemExit, match="other arguments"):
         train_toy_model.main(["--out", str(out), *arguments])
+
+
+DIT_ARGUMENTS = ["--steps", "4", "--batch", "2", "--width", "32", "--heads", "2", "--double-blocks", "1",
+                 "--single-blocks", "1", "--checkpoint-every", "1", "--seed", "3"]
+
+
+def test_toy_dit_is_a_flux_folder_maskmint_runs_with_the_reused_vae_untouched(tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    out = tmp_path / "toy-flux"
+    train_toy_dit.main(["--vae", str(REPO / "assets" / "tiny-sd"), "--out", str(out), *DIT_ARGUMENTS])
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    record = json.loads((out / "training.json").read_text())
+    assert record["trained_by"] == "bench/train_toy_dit.py" and record["vae_from"]["trained_by"] == "bench/train_toy_model.py"
+    before = AutoencoderKL.from_pretrained(REPO / "assets" / "tiny-sd" / "vae")
+    after = AutoencoderKL.from_pretrained(out / "vae")
+    assert after.config.shift_factor == 0.0 and after.config.scaling_factor == before.config.scaling_factor
+    assert all(torch.equal(x, y) for x, y in zip(before.state_dict().values(), after.state_dict().values()))
+
+    data = yaml.safe_load((REPO / "configs" / "toy-flux.yaml").read_text())
+    data["model"]["path"] = str(out)
+    data["generation"].update(steps=2, batch_size=2)
+    data["removal"]["steps"] = 2
+    for recipe in ("cross", "concept_attention"):
+        data["capture"] = {"recipe": recipe}
+        summary, scores, _ = quality.evaluate(RunConfig.model_validate(data), samples=2, progress=False)
+        assert len(scores) == 2 and all(s["concepts"] >= 1 for s in scores)
+
+
+def test_toy_dit_training_interrupted_and_rerun_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
+    import torch
+
+    arguments = ["--vae", str(REPO / "assets" / "tiny-sd"), *DIT_ARGUMENTS]
+    train_toy_dit.main(["--out", str(tmp_path / "whole"), *arguments])
+    out = tmp_path / "cut"
+    train_cut_and_rerun(train_toy_dit, ["--out", str(out), *arguments], 3, monkeypatch)  # die in the third step
+    whole, cut = train_toy_dit.load_models(tmp_path / "whole"), train_toy_dit.load_models(out)
+    for a, b in zip(whole[2:], cut[2:]):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.allclose(x.float(), y.float(), atol=1e-3), name
 
 
 @pytest.mark.parametrize(("builder", "denoiser", "low", "high"), [

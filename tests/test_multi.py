@@ -15,7 +15,6 @@ from schemas.config import ConfigError, FilterConfig, MaskConfig, PromptsConfig,
 from stages.filter import drop_reason
 from stages.prompts import PromptBuilder
 from stages.tokens import TextLayout
-from stages.tokens import TextLayout
 from stages.refine import refine_mask
 from stages.weak_mask import gmm_threshold, normalise, weak_mask
 
