@@ -16,6 +16,8 @@ background") and scores every sample against truth taken from the world's rules:
 - Prompt fidelity: every concept's blob exists (>= 1% of the image) and its fill ratio (area
   over bounding box) is closest to the requested shape's (square 1.0, circle 0.79, triangle 0.5);
   a blob that borders another object may be partly covered by it, so only its presence counts.
+- heat AUC: how well each concept's map ranks its truth pixels above every other pixel
+  (ROC AUC, 0.5 chance), before any threshold.
 - weak IoU: weak mask == the class vs that concept's truth (255 of the `band` threshold left
   out); refined IoU: final mask == the class vs truth, with the 255 band left out of both
   (scored separately as `band share`, the share of the image's pixels marked 255); a
@@ -111,8 +113,9 @@ def score_sample(batch: dict, i: int, removal_dilate: int) -> dict:
     left = object_pixels(background) & removed
     ring = removed & ~cv2.dilate(objects.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     per_class = {
-        c: {"weak": iou(weak == c, truth, valid=weak_valid), "refined": iou(mask == c, truth, valid=~band)}
-        for c, truth in truths.items()
+        c: {"weak": iou(weak == c, truth, valid=weak_valid), "refined": iou(mask == c, truth, valid=~band),
+            "heat_auc": heat_auc(heat, truth)}
+        for c, truth, heat in zip(truths, truths.values(), batch["heat"][i])
     } if faithful else {}
 
     def confused(labels: np.ndarray) -> float:
@@ -125,6 +128,7 @@ def score_sample(batch: dict, i: int, removal_dilate: int) -> dict:
         "concepts": len(spans),
         "faithful": faithful,
         "truth_area": round(float(objects.mean()), 4),
+        "heat_auc": mean(v["heat_auc"] for v in per_class.values()) if faithful else None,
         "weak_iou": mean(v["weak"] for v in per_class.values()) if faithful else None,
         "refined_iou": mean(v["refined"] for v in per_class.values()) if faithful else None,
         "per_class": {str(c): v for c, v in per_class.items()},
@@ -136,6 +140,16 @@ def score_sample(batch: dict, i: int, removal_dilate: int) -> dict:
         "kept": batch["drop"][i] is None,
         "drop": batch["drop"][i],
     }
+
+
+def heat_auc(heat: np.ndarray, truth: np.ndarray) -> float | None:
+    """How well a concept's map ranks its object's pixels above all others (ROC AUC; 0.5 is
+    chance, below it the map is hotter off the object), whatever threshold follows."""
+    from sklearn.metrics import roc_auc_score
+
+    if truth.all() or not truth.any():
+        return None
+    return float(roc_auc_score(truth.ravel(), heat.ravel()))
 
 
 def mean(values) -> float | None:
@@ -157,6 +171,7 @@ def summarise(scores: list[dict]) -> dict:
     return {
         "samples": len(scores),
         "prompt_fidelity": len(faithful) / len(scores),
+        "heat_auc": mean(s["heat_auc"] for s in faithful),
         "weak_iou": mean(s["weak_iou"] for s in faithful),
         "refined_iou": mean(s["refined_iou"] for s in faithful),
         "refined_iou_kept": mean(s["refined_iou"] for s in faithful if s["kept"]),
@@ -191,6 +206,7 @@ def evaluate(config: RunConfig, samples: int, progress: bool = True) -> tuple[di
 
 ROWS = [
     ("prompt fidelity", "prompt_fidelity", "{:.1%}", ">= 90%"),
+    ("heat-map AUC (object pixels ranked above the rest)", "heat_auc", "{:.3f}", ""),
     ("weak-mask IoU", "weak_iou", "{:.3f}", ">= 0.80"),
     ("refined-mask IoU", "refined_iou", "{:.3f}", ">= 0.90"),
     ("refined IoU, kept samples", "refined_iou_kept", "{:.3f}", ""),

@@ -394,6 +394,12 @@ class MaskConfig(Section):
         "band_low, background below",
     )
     tau: float = Field(default=0.4, gt=0.0, lt=1.0)
+    normalise: Literal["per_map", "none"] = Field(
+        default="per_map",
+        description="per_map: stretch each concept's map to [0, 1] before thresholds and argmax; none: take the "
+        "maps as they are, for capture.recipe concept_attention, whose maps are already each pixel's share of "
+        "the softmax over the objects and the background concepts",
+    )
     band_low: float = Field(default=0.3, gt=0.0, lt=1.0, description="threshold 'band': below it, background")
     band_high: float = Field(default=0.6, gt=0.0, lt=1.0, description="threshold 'band': from it, the class")
     open_px: int = Field(default=1, ge=0, description="radius of the opening that removes specks")
@@ -525,6 +531,13 @@ class RunConfig(Section):
 
     def class_names(self) -> dict[int, str]:
         return {c.class_id: c.name for c in self.prompts.concepts}
+
+    @model_validator(mode="after")
+    def _shares_need_concept_attention(self) -> RunConfig:
+        if self.mask.normalise == "none" and self.capture.recipe != "concept_attention":
+            raise ValueError("mask.normalise: none takes maps that are shares (capture.recipe: concept_attention); "
+                             "cross-attention maps need per_map")
+        return self
 
     def with_execution(self, **changes: Any) -> RunConfig:
         """The same run executed another way (command-line overrides), validated like the file."""

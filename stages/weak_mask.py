@@ -47,12 +47,17 @@ def class_threshold(norm: np.ndarray, config: MaskConfig) -> float:
     return config.band_high
 
 
+def scaled(heat: np.ndarray, config: MaskConfig) -> np.ndarray:
+    """The maps thresholds and the argmax read: stretched per map, or as they are (shares)."""
+    return normalise(heat) if config.normalise == "per_map" else heat.astype(np.float32)
+
+
 def weak_mask(heat: np.ndarray, class_ids: list[int], config: MaskConfig) -> np.ndarray:
-    """Class-index mask [H, W] from one sample's maps [C, H, W]: each map normalised on its
-    own, the argmax over classes wins a pixel if its score passes that class's threshold.
+    """Class-index mask [H, W] from one sample's maps [C, H, W], each scaled as
+    `config.normalise` says: the argmax over classes wins a pixel if its score passes that class's threshold.
     With the `band` threshold, pixels whose winning score lies in [band_low, band_high) and
     that no class took are 255 (uncertain)."""
-    norm = normalise(heat)
+    norm = scaled(heat, config)
     mask = np.full(heat.shape[1:], BACKGROUND_ID, dtype=np.uint8)
     winner = norm.argmax(axis=0)
     for c, class_id in enumerate(class_ids):
@@ -71,6 +76,6 @@ class WeakMask:
         self.config = config
 
     def __call__(self, batch: dict) -> dict:
-        heat = normalise(batch["heatmap"])
+        heat = scaled(batch["heatmap"], self.config)
         masks = [weak_mask(h, [c.class_id for c in spans], self.config) for h, spans in zip(heat, batch["concepts"])]
         return {"heat": heat, "weak_mask": np.stack(masks)}

@@ -115,6 +115,29 @@ def test_argmax_threshold_and_band_on_hand_made_maps():
         MaskConfig(threshold="band", band_low=0.7, band_high=0.6)
 
 
+def test_shares_are_read_as_they_are_when_not_normalised():
+    """ConceptAttention's maps are each pixel's share of a softmax that includes the background
+    concepts: a map that never wins stays out, where stretching it would let its peak in."""
+    left = disk(center=(32, 18), radius=9)
+    corner = np.zeros((64, 64), bool)
+    corner[:8, :8] = True
+    heat = np.stack([np.where(left, 0.8, 0.3), np.where(corner, 0.25, 0.2)]).astype(np.float32)
+    loose = dict(tau=0.5, open_px=0, close_px=0, min_area=0)
+    as_shares = weak_mask(heat, [4, 6], MaskConfig(normalise="none", **loose))
+    assert np.array_equal(as_shares == 4, left) and not (as_shares == 6).any()
+    stretched = weak_mask(heat, [4, 6], MaskConfig(**loose))
+    assert np.array_equal(stretched == 6, corner)
+
+
+def test_unnormalised_maps_need_the_concept_attention_recipe(tmp_path, capsys):
+    data = {"model": {"path": str(tmp_path)}, "prompts": {"concepts": [{"name": "cat", "class_id": 1}]},
+            "mask": {"normalise": "none"}}
+    with pytest.raises(ConfigError, match="concept_attention"):
+        parse_config(data, base_dir=tmp_path)
+    data["capture"] = {"recipe": "concept_attention"}
+    assert parse_config(data, base_dir=tmp_path).mask.normalise == "none"
+
+
 @pytest.mark.parametrize("method", ["otsu", "gmm"])
 def test_otsu_and_gmm_split_a_bimodal_map(method):
     rng = np.random.default_rng(0)
