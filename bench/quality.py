@@ -115,7 +115,7 @@ def score_sample(batch: dict, i: int, removal_dilate: int) -> dict:
     per_class = {
         c: {"weak": iou(weak == c, truth, valid=weak_valid), "refined": iou(mask == c, truth, valid=~band),
             "heat_auc": heat_auc(heat, truth)}
-        for c, truth, heat in zip(truths, truths.values(), batch["heat"][i])
+        for (c, truth), heat in zip(truths.items(), batch["heat"][i])
     } if faithful else {}
 
     def confused(labels: np.ndarray) -> float:

@@ -28,6 +28,7 @@ from bench.toyworld import WORDS
 from bench.train_toy_model import (
     MAX_TOKENS,
     Checkpoint,
+    build_text_encoder,
     caption_ids,
     log,
     open_checkpoint,
@@ -37,17 +38,16 @@ from bench.train_toy_model import (
     train_denoiser,
     write_provenance,
 )
-from pipeline.tiny_model import _t5_encoder, _text_config, build_t5_tokenizer, build_tokenizer
+from pipeline.tiny_model import _t5_encoder, build_t5_tokenizer, build_tokenizer
 
 
 def build_models(tokenizer, tokenizer_2, width: int, heads: int, double_blocks: int, single_blocks: int, seed: int):
     from diffusers import FluxTransformer2DModel
-    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     head_dim = width // heads
     rope = (head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8)  # (t, y, x), even, summing to head_dim
-    text_encoder = CLIPTextModel(_text_config(tokenizer, 64, 4, MAX_TOKENS))
+    text_encoder = build_text_encoder(tokenizer)
     text_encoder_2 = _t5_encoder(tokenizer_2, 64, 4)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=double_blocks, num_single_layers=single_blocks,

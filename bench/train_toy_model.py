@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.toyworld import SIZE, WORDS, render_scene
-from pipeline.tiny_model import SD_BETAS, build_tokenizer, sd_ddim_scheduler
+from pipeline.tiny_model import SD_BETAS, _text_config, build_tokenizer, sd_ddim_scheduler
 
 MAX_TOKENS = 24  # the longest caption (three objects) is 18 tokens with BOS/EOS
 DECODER_EMPTY_SHARE = 0.4  # the decoder stage leans on the object-free scenes it was failing
@@ -52,24 +52,18 @@ def scenes_batch(rng: np.random.Generator, size: int, empty_share: float = 0.1):
     return images, [s.caption for s in scenes]
 
 
+def build_text_encoder(tokenizer):
+    """The toy world's CLIP text encoder (64 wide, 2 layers), for the UNet or the DiT."""
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel(_text_config(tokenizer, 64, 4, MAX_TOKENS))
+
+
 def build_models(tokenizer, seed: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TOKENS,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = build_text_encoder(tokenizer)
     vae = AutoencoderKL(
         block_out_channels=(32, 64, 64),
         down_block_types=("DownEncoderBlock2D",) * 3,
@@ -365,9 +359,12 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer, text_encoder, vae, unet = load_models(args.resume)
     else:
         tokenizer = build_tokenizer(WORDS, max_length=MAX_TOKENS)
-        text_encoder, vae, unet = build_models(tokenizer, args.seed)
-        if args.init:
+        if args.init:  # new words, same image networks
+            torch.manual_seed(args.seed)
+            text_encoder = build_text_encoder(tokenizer)
             _, _, vae, unet = load_models(args.init)
+        else:
+            text_encoder, vae, unet = build_models(tokenizer, args.seed)
     checkpoint, log_path = open_checkpoint(args, {"text_encoder": text_encoder, "vae": vae, "unet": unet}, rng)
     with open(log_path, "a" if checkpoint.state else "w") as handle:
         if checkpoint.state:
