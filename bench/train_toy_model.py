@@ -59,6 +59,37 @@ def build_text_encoder(tokenizer):
     return CLIPTextModel(_text_config(tokenizer, 64, 4, MAX_TOKENS))
 
 
+def _position_table(encoder) -> torch.Tensor:
+    return next(m for name, m in encoder.named_modules() if name.endswith("position_embedding")).weight
+
+
+def carry_text_encoder(old_tokenizer, old_encoder, tokenizer, encoder) -> None:
+    """Start a new vocabulary's encoder from a trained one, so the UNet's conditioning stays put.
+
+    The layers come over as they are; a token the old vocabulary spelled in pieces starts as
+    the mean of those pieces; positions past the old limit start as its last one. A prompt
+    of words the old vocabulary held whole then encodes exactly as before (CLIP's attention
+    is causal), and fine-tuning starts from the trained model instead of from noise.
+    """
+    layers = {k: v for k, v in old_encoder.state_dict().items() if "embeddings." not in k}
+    missing = encoder.load_state_dict(layers, strict=False).missing_keys
+    assert all("embeddings." in key for key in missing), missing
+    old_vocab = old_tokenizer.get_vocab()
+    old_table, old_positions = old_encoder.get_input_embeddings().weight, _position_table(old_encoder)
+    with torch.no_grad():
+        table = encoder.get_input_embeddings().weight
+        for token, index in tokenizer.get_vocab().items():
+            if token in old_vocab:
+                table[index] = old_table[old_vocab[token]]
+            elif token.endswith("</w>"):
+                pieces = old_tokenizer(token[: -len("</w>")], add_special_tokens=False).input_ids
+                table[index] = old_table[pieces].mean(0)
+        positions = _position_table(encoder)
+        kept = min(len(positions), len(old_positions))
+        positions[:kept] = old_positions[:kept]
+        positions[kept:] = old_positions[kept - 1]
+
+
 def build_models(tokenizer, seed: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -349,8 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", type=Path, default=None,
                         help="continue from a saved pipeline folder (its tokenizer, VAE, text encoder, UNet)")
     parser.add_argument("--init", type=Path, default=None,
-                        help="start the VAE and UNet from a trained toy folder, with a new tokenizer and text encoder "
-                             "(a new vocabulary without relearning images)")
+                        help="start from a trained toy folder with a new one-token-per-word tokenizer: its VAE and "
+                             "UNet as they are, its text encoder carried over to the new vocabulary")
     args = parse_with_run_arguments(parser, argv)
     rng = np.random.default_rng(args.seed)
     if args.resume and args.init:
@@ -362,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.init:  # new words, same image networks
             torch.manual_seed(args.seed)
             text_encoder = build_text_encoder(tokenizer)
-            _, _, vae, unet = load_models(args.init)
+            old_tokenizer, old_text_encoder, vae, unet = load_models(args.init)
+            carry_text_encoder(old_tokenizer, old_text_encoder, tokenizer, text_encoder)
         else:
             text_encoder, vae, unet = build_models(tokenizer, args.seed)
     checkpoint, log_path = open_checkpoint(args, {"text_encoder": text_encoder, "vae": vae, "unet": unet}, rng)

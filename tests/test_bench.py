@@ -150,11 +150,28 @@ def test_init_keeps_the_image_networks_and_gives_every_toy_word_one_token(tmp_pa
     out = tmp_path / "toy"
     train_toy_model.main(["--init", str(REPO / "assets" / "tiny-sd"), "--out", str(out), "--vae-steps", "0",
                           "--unet-steps", "0", "--decoder-steps", "0"])
-    _, _, vae_before, unet_before = train_toy_model.load_models(REPO / "assets" / "tiny-sd")
-    tokenizer, _, vae_after, unet_after = train_toy_model.load_models(out)
+    old_tokenizer, old_encoder, vae_before, unet_before = train_toy_model.load_models(REPO / "assets" / "tiny-sd")
+    tokenizer, encoder, vae_after, unet_after = train_toy_model.load_models(out)
     for before, after in ((vae_before, vae_after), (unet_before, unet_after)):
         assert all(torch.equal(x, y) for x, y in zip(before.state_dict().values(), after.state_dict().values()))
     assert all(len(tokenizer(word, add_special_tokens=False).input_ids) == 1 for word in WORDS)
+    # The text encoder is carried over: a prompt of words the old vocabulary held whole encodes
+    # as before; one it spelled in pieces starts near its old meaning, not from noise.
+    whole = [w for w in WORDS if len(old_tokenizer(w, add_special_tokens=False).input_ids) == 1]
+    pieced = [w for w in WORDS if w not in whole]
+    assert "circle" in whole and pieced
+    prompts = [(f"a red circle on a flat {whole[-1]} background", 1e-5)] + [(f"a {word}", None) for word in pieced]
+    for words, close in prompts:
+        old_ids, new_ids = old_tokenizer(words).input_ids, tokenizer(words).input_ids
+        with torch.no_grad():
+            old_states = old_encoder(torch.tensor([old_ids]))[0][0, -1]
+            new_states = encoder(torch.tensor([new_ids]))[0][0, -1]
+            random_states = train_toy_model.build_text_encoder(tokenizer)(torch.tensor([new_ids]))[0][0, -1]
+        if close:
+            assert old_ids == new_ids and torch.allclose(old_states, new_states, atol=close)
+        else:
+            similarity = torch.nn.functional.cosine_similarity
+            assert similarity(old_states, new_states, 0) > similarity(old_states, random_states, 0) + 0.3
     assert tokenizer.model_max_length == train_toy_model.MAX_TOKENS
     record = json.loads((out / "training.json").read_text())
     assert record["initialised_from"]["trained_by"] == "bench/train_toy_model.py" and record["resumed_from"] is None
