@@ -186,22 +186,35 @@ def summarise(scores: list[dict]) -> dict:
     }
 
 
-def evaluate(config: RunConfig, samples: int, progress: bool = True) -> tuple[dict, list[dict], dict]:
+def evaluate(config: RunConfig, samples: int, progress: bool = True,
+             variants: list[RunConfig] = ()) -> tuple[dict, list[dict], dict, list[dict]]:
+    """Scores of `config`, and of each of `variants` (the same run with other refine/filter
+    settings) on the very same images, backgrounds and weak masks: the model runs once."""
+    from stages.filter import Filter
+    from stages.refine import Refine
+
     seconds: dict[str, float] = defaultdict(float)
+    finishes = [(Refine(v.refine), Filter(v.filter)) for v in variants]
     with tempfile.TemporaryDirectory() as scratch:
         worker = ShardWorker(config, scratch)
-        scores = []
+        scores, variant_scores = [], [[] for _ in variants]
         size = config.generation.batch_size
         for start in range(0, samples, size):
             planned = [worker.plan.sample(i) for i in range(start, min(samples, start + size))]
-            batch = worker.mask_stages(worker.model_stages(as_columns(planned), seconds), seconds)
+            modelled = worker.model_stages(as_columns(planned), seconds)
+            for (refine, keep), found in zip(finishes, variant_scores):
+                batch = dict(modelled)
+                batch.update(refine(batch))
+                batch.update(keep(batch))
+                found += [score_sample(batch, i, config.removal.dilate_px) for i in range(len(planned))]
+            batch = worker.mask_stages(modelled, seconds)
             scores += [score_sample(batch, i, config.removal.dilate_px) for i in range(len(planned))]
             if progress:
                 print(f"\r{len(scores)}/{samples} samples", end="", file=sys.stderr, flush=True)
         worker.close()
     if progress:
         print(file=sys.stderr)
-    return summarise(scores), scores, dict(seconds)
+    return summarise(scores), scores, dict(seconds), [summarise(found) for found in variant_scores]
 
 
 ROWS = [
@@ -237,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the summary and per-sample scores here")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config field, e.g. --set mask.tau=0.3 (repeatable)")
+    parser.add_argument("--sweep", default=None, metavar="SECTION.FIELD=V1,V2,...",
+                        help="also score these values of one refine or filter field on the same generated images, "
+                             "e.g. --sweep refine.delta_e=20,40,60")
     args = parser.parse_args(argv)
 
     config = load_config(args.config)
@@ -244,22 +260,49 @@ def main(argv: list[str] | None = None) -> int:
     data["execution"]["seed"] = args.seed
     data["output"]["samples"] = args.samples
     for item in args.set:
-        path, _, value = item.partition("=")
-        section, _, field = path.partition(".")
-        try:
-            data[section][field] = json.loads(value)
-        except json.JSONDecodeError:
-            data[section][field] = value  # a bare string, e.g. mask.threshold=otsu
+        set_field(data, item)
     config = RunConfig.model_validate(data)
+    variants = []
+    if args.sweep:
+        path, _, values = args.sweep.partition("=")
+        if path.partition(".")[0] not in ("refine", "filter"):
+            parser.error("--sweep takes a refine or filter field: they run after the model")
+        variants = [RunConfig.model_validate(set_field(json.loads(json.dumps(data)), f"{path}={value}"))
+                    for value in values.split(",")]
 
     start = time.time()
-    summary, scores, seconds = evaluate(config, args.samples)
+    summary, scores, seconds, swept = evaluate(config, args.samples, variants=variants)
     summary["seconds"] = round(time.time() - start, 1)
     print(f"maskmint quality: {args.samples} samples, seed {args.seed}, {config.model.path}")
     print(table(summary))
+    if swept:
+        print(sweep_table(args.sweep, swept))
     write_json(args.json, {"config": str(args.config), "seed": args.seed, "overrides": args.set, "summary": summary,
-                           "seconds_by_stage": seconds, "samples": scores})
+                           "seconds_by_stage": seconds, "samples": scores,
+                           "sweep": {"field": args.sweep, "summaries": swept} if swept else None})
     return 0
+
+
+def set_field(data: dict, item: str) -> dict:
+    path, _, value = item.partition("=")
+    section, _, field = path.partition(".")
+    try:
+        data[section][field] = json.loads(value)
+    except json.JSONDecodeError:
+        data[section][field] = value  # a bare string, e.g. mask.threshold=otsu
+    return data
+
+
+SWEEP_COLUMNS = ("refined_iou", "refined_miou", "confusion", "band_share", "kept")
+
+
+def sweep_table(sweep: str, summaries: list[dict]) -> str:
+    path, _, values = sweep.partition("=")
+    lines = [f"| {path} | " + " | ".join(SWEEP_COLUMNS) + " |", "|---" * (len(SWEEP_COLUMNS) + 1) + "|"]
+    for value, summary in zip(values.split(","), summaries):
+        cells = ["n/a" if summary[k] is None else f"{summary[k]:.4f}" for k in SWEEP_COLUMNS]
+        lines.append(f"| {value} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

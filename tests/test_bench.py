@@ -66,7 +66,7 @@ def test_shipped_model_is_the_demos_and_its_masks_beat_chance():
     data = config.model_dump(mode="json")
     data["generation"]["batch_size"] = 6
     data["execution"]["seed"] = 7
-    summary, scores, _ = quality.evaluate(RunConfig.model_validate(data), samples=6, progress=False)
+    summary, scores, _, _ = quality.evaluate(RunConfig.model_validate(data), samples=6, progress=False)
     # chance: a mask of the object's size placed at random overlaps it by about its area share (~5-15%)
     chance = np.mean([s["truth_area"] for s in scores])
     assert summary["prompt_fidelity"] >= 0.5, scores
@@ -85,7 +85,10 @@ def test_multi_config_on_the_shipped_model_beats_chance():
     data["generation"]["batch_size"] = 8
     data["prompts"]["concepts_per_image"] = 2
     data["execution"]["seed"] = 7
-    summary, scores, _ = quality.evaluate(RunConfig.model_validate(data), samples=16, progress=False)
+    config = RunConfig.model_validate(data)
+    # a sweep variant with the run's own settings scores exactly as the run: same images, same stages
+    summary, scores, _, swept = quality.evaluate(config, samples=16, progress=False, variants=[config])
+    assert swept == [summary]
     assert all(s["concepts"] == 2 for s in scores)
     faithful = [s for s in scores if s["faithful"]]
     assert len(faithful) >= 3, scores
@@ -105,7 +108,7 @@ def test_toy_flux_config_on_its_shipped_model_beats_chance():
     data = config.model_dump(mode="json")
     data["prompts"]["concepts_per_image"] = 1
     data["execution"]["seed"] = 7
-    summary, scores, _ = quality.evaluate(RunConfig.model_validate(data), samples=8, progress=False)
+    summary, scores, _, _ = quality.evaluate(RunConfig.model_validate(data), samples=8, progress=False)
     chance = np.mean([s["truth_area"] for s in scores])
     assert summary["refined_iou"] >= max(0.6, 4 * chance), scores
     assert summary["object_left"] < 0.05, scores
@@ -244,7 +247,7 @@ def test_toy_dit_is_a_flux_folder_maskmint_runs_with_the_reused_vae_untouched(tm
     data["removal"]["steps"] = 2
     for recipe in ("cross", "concept_attention"):
         data["capture"] = {"recipe": recipe}
-        summary, scores, _ = quality.evaluate(RunConfig.model_validate(data), samples=2, progress=False)
+        summary, scores, _, _ = quality.evaluate(RunConfig.model_validate(data), samples=2, progress=False)
         assert len(scores) == 2 and all(s["concepts"] >= 1 for s in scores)
 
 
