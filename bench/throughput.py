@@ -251,7 +251,8 @@ class Bench:
             "generation": {"steps": args.steps, "guidance_scale": 7.5, "batch_size": args.batch,
                            "compile": args.compile, "channels_last": args.channels_last},
             "removal": {"steps": args.steps, "guidance_scale": 7.5},
-            "capture": {"self_attention": args.self_attention, "recipe": args.recipe},
+            "capture": {"self_attention": args.self_attention, "recipe": args.recipe,
+                        "self_attention_downscale": args.self_attention_downscale},
             # keep every sample so all variants do the same work
             "filter": {"min_mask_fraction": 0.0, "max_mask_fraction": 1.0, "max_components": 10**6,
                        "min_image_std": 0.0, "min_removal_delta": 0.0},
@@ -379,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="UNet in channels-last layout (all variants)")
     parser.add_argument("--self-attention", action="store_true",
                         help="capture.self_attention on (c and d): the affinity refinement's cost in c/a")
+    parser.add_argument("--self-attention-downscale", type=int, default=2, metavar="N",
+                        help="capture.self_attention_downscale with --self-attention (1: the latent's own size)")
     parser.add_argument("--recipe", choices=["cross", "concept_attention"], default="cross",
                         help="capture.recipe for c and d (concept_attention: sd3/flux models)")
     parser.add_argument("--json", type=Path, default=None)

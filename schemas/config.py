@@ -439,11 +439,6 @@ class RefineConfig(Section):
     disagree_high: float = Field(
         default=0.9, ge=0.0, le=1.0, description="background pixels whose heat is above this become 255"
     )
-    segment_scale: float = Field(
-        default=0.0, ge=0.0,
-        description="0: classes claim changed pixels one by one; > 0: by the image's Felzenszwalb segments at "
-                    "this scale (larger: larger segments), so a region of one colour goes whole to one class",
-    )
 
 
 class FilterConfig(Section):

@@ -9,18 +9,6 @@ from schemas.records import BACKGROUND_ID, IGNORE_INDEX
 from stages.masks import clean, count_components, dilate, erode, lab_distance
 
 
-def segment_winner(image: np.ndarray, taken: np.ndarray, claim: np.ndarray, scale: float) -> np.ndarray:
-    """Per pixel, the class with the most heat over the `taken` pixels of its image segment.
-
-    Felzenszwalb's segments follow colour edges, so where two objects touch, each goes whole
-    to one class instead of the blurred heat maps splitting it pixel by pixel."""
-    from skimage.segmentation import felzenszwalb
-
-    segments = felzenszwalb(image, scale=scale, sigma=0.5, min_size=max(4, taken.size // 1000)).ravel()
-    votes = np.stack([np.bincount(segments, weights=(c * taken).ravel(), minlength=segments.max() + 1) for c in claim])
-    return votes.argmax(axis=0)[segments].reshape(taken.shape)
-
-
 def refine_mask(
     image: np.ndarray,
     background: np.ndarray,
@@ -47,10 +35,8 @@ def refine_mask(
     if class_ids:
         reach = np.stack([dilate(weak == class_id, config.dilate_px) for class_id in class_ids])
         claim = np.where(reach, heat[: len(class_ids)], -np.inf)
-        taken = changed & reach.any(axis=0)
         winner = claim.argmax(axis=0)
-        if config.segment_scale and taken.any():
-            winner = segment_winner(image, taken, np.where(reach, heat[: len(class_ids)], 0.0), config.segment_scale)
+        taken = changed & reach.any(axis=0)
         mask[taken] = np.asarray(class_ids, dtype=np.uint8)[winner[taken]]
     foreground = mask != BACKGROUND_ID
 
