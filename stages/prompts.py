@@ -81,8 +81,12 @@ class PromptBuilder:
         return (own if count == 1 else []) + shared
 
     def count_of(self, index: int) -> int:
+        """How many concepts sample `index` names. The count moves on once every class has had
+        its turn first, so each class comes first with each count alike (stepping both with
+        the index would tie them: three classes and counts [1, 2, 3] would always show the first
+        class alone)."""
         counts = self.config.counts_per_image
-        return counts[index % len(counts)]
+        return counts[(index // max(1, len(self.config.concepts))) % len(counts)]
 
     def concept_counts(self, samples: int) -> dict[int, float]:
         """class id -> samples showing that class in a run of `samples`. From templates the
@@ -92,7 +96,7 @@ class PromptBuilder:
         if self.lines is None:
             index = np.arange(samples)
             first = index % len(concepts)
-            extra = np.array(self.config.counts_per_image)[index % len(self.config.counts_per_image)] - 1
+            extra = np.array([self.count_of(i) for i in index]) - 1
             firsts = np.bincount(first, minlength=len(concepts)).astype(float)
             extra_of_first = np.bincount(first, weights=extra, minlength=len(concepts))
             if len(concepts) > 1:

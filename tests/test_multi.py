@@ -58,8 +58,8 @@ def test_prompt_builder_with_two_and_three_concepts(tokenizer):
     assert made == [build(i, np.random.default_rng(i)) for i in range(60)]  # deterministic
     names = {c["name"] for c in MULTI["concepts"]}
     for i, (prompt, background, negative, spans) in enumerate(made):
-        assert len(spans) == [1, 2, 3][i % 3]
         assert spans[0].class_id == [1, 2, 7, 9][i % 4]  # the first concept takes turns
+        assert len(spans) == [1, 2, 3][i // 4 % 3]  # the count moves on after every class's turn
         assert len({s.class_id for s in spans}) == len(spans)  # no class twice
         ids = tokenizer(prompt).input_ids
         for span in spans:
@@ -67,13 +67,26 @@ def test_prompt_builder_with_two_and_three_concepts(tokenizer):
             assert tokenizer.decode([ids[p] for p in span.token_positions]).replace(" ", "") == span.word
             assert span.word not in background.split() and span.name in negative
         assert not names & set(background.replace(",", " ").split())
-    two = [m for i, m in enumerate(made) if i % 3 == 1]
+    two = [m for i, m in enumerate(made) if i // 4 % 3 == 1]
     assert {m[1] for m in two} <= {"a park", "a kitchen"}  # the explicit background
     assert all("red" in m[0] and "blue" in m[0] for m in two)  # {colour2} drawn apart from {colour}
     counts = Counter(s.class_id for *_, spans in made for s in spans)
     assert max(counts.values()) - min(counts.values()) <= 12  # balanced over the run
     expected = build.concept_counts(60)
     assert sum(expected.values()) == pytest.approx(sum(counts.values()))
+
+
+def test_classes_stay_balanced_when_counts_and_classes_share_a_cycle(tokenizer):
+    """Three classes and counts [1, 2, 3]: no class may be tied to one count."""
+    config = copy.deepcopy(MULTI)
+    config["concepts"] = config["concepts"][:3]
+    build = PromptBuilder(PromptsConfig(**config), TextLayout.single(tokenizer))
+    made = [build(i, np.random.default_rng(i)) for i in range(900)]
+    pairs = Counter((spans[0].class_id, len(spans)) for *_, spans in made)
+    assert len(pairs) == 9 and set(pairs.values()) == {100}  # every class first with every count
+    counts = Counter(s.class_id for *_, spans in made for s in spans)
+    assert max(counts.values()) / min(counts.values()) < 1.1, counts
+    assert build.concept_counts(900) == pytest.approx(counts, rel=0.1)
 
 
 def test_several_concept_configs_are_checked():
