@@ -69,33 +69,35 @@ def test_shipped_model_is_the_demos_and_its_masks_beat_chance():
     summary, scores, _, _ = quality.evaluate(RunConfig.model_validate(data), samples=6, progress=False)
     # chance: a mask of the object's size placed at random overlaps it by about its area share (~5-15%)
     chance = np.mean([s["truth_area"] for s in scores])
-    assert summary["prompt_fidelity"] >= 0.5, scores
-    assert summary["heat_auc"] >= 0.9, scores  # the maps rank object pixels above the rest
-    assert summary["weak_iou"] >= max(0.5, 4 * chance), scores
-    assert summary["refined_iou"] >= 0.5, scores
+    assert summary["prompt_fidelity"] >= 0.8, scores
+    assert summary["heat_auc"] >= 0.95, scores  # the maps rank object pixels above the rest
+    assert summary["weak_iou"] >= max(0.75, 4 * chance), scores
+    assert summary["refined_iou"] >= 0.9, scores
     assert summary["object_left"] < 0.05, scores  # removal leaves (almost) no object colour
 
 
-def test_multi_config_on_the_shipped_model_beats_chance():
-    """configs/multi.yaml: two shapes per image, each found in its own class where the model drew
-    both as asked (it does so for a minority of two-object prompts: see bench/RESULTS.md)."""
+@pytest.mark.parametrize(("objects", "least"), [(2, {"faithful": 8, "weak_miou": 0.6, "refined_miou": 0.8, "confusion": 0.03}),
+                                               (3, {"faithful": 6, "weak_miou": 0.45, "refined_miou": 0.65, "confusion": 0.1})])
+def test_multi_config_on_the_shipped_model_beats_chance(objects, least):
+    """configs/multi.yaml with two or three shapes per image: each found in its own class
+    where the model drew them all as asked (most of the time: see bench/RESULTS.md)."""
     config = load_config(REPO / "configs" / "multi.yaml")
     assert Path(config.model.path).resolve() == (REPO / "assets" / "tiny-sd").resolve()
     data = config.model_dump(mode="json")
     data["generation"]["batch_size"] = 8
-    data["prompts"]["concepts_per_image"] = 2
+    data["prompts"]["concepts_per_image"] = objects
     data["execution"]["seed"] = 7
     config = RunConfig.model_validate(data)
     # a sweep variant with the run's own settings scores exactly as the run: same images, same stages
     summary, scores, _, swept = quality.evaluate(config, samples=16, progress=False, variants=[config])
     assert swept == [summary]
-    assert all(s["concepts"] == 2 for s in scores)
+    assert all(s["concepts"] == objects for s in scores)
     faithful = [s for s in scores if s["faithful"]]
-    assert len(faithful) >= 3, scores
-    chance = np.mean([s["truth_area"] for s in faithful]) / 2  # one object's share
-    assert summary["weak_miou"] >= max(0.4, 4 * chance), summary
-    assert summary["refined_miou"] >= 0.6, summary
-    assert summary["confusion"] < 0.1, summary  # objects are told apart
+    assert len(faithful) >= least["faithful"], scores
+    chance = np.mean([s["truth_area"] for s in faithful]) / objects  # one object's share
+    assert summary["weak_miou"] >= max(least["weak_miou"], 4 * chance), summary
+    assert summary["refined_miou"] >= least["refined_miou"], summary
+    assert summary["confusion"] < least["confusion"], summary  # objects are told apart
     assert summary["object_left"] < 0.05, summary
 
 
