@@ -6,6 +6,8 @@ StableDiffusionPipeline folder, so maskmint runs it by the same code path as rea
 
     python -m bench.train_toy_model --out assets/tiny-sd            # defaults: 70-100 min on 2 CPU cores
     python -m bench.train_toy_model --resume assets/tiny-sd --out DIR --vae-steps 0 --unet-steps 1000
+    python -m bench.train_toy_model --init FOLDER --out DIR --vae-steps 0 --unet-steps 2500 --lr 2e-4 \
+        --decoder-steps 300 --empty-share 0.25                         # new vocabulary, same image networks
 
 Stage 1 trains the VAE on renders (reconstruction + small KL); stage 2 freezes it and
 trains the text encoder and UNet jointly on epsilon prediction, with 10% empty captions
@@ -15,7 +17,8 @@ Stage 3 fine-tunes the VAE decoder alone on the UNet's own x0 estimates (from re
 noised to t < 600, 30% clean latents): the small decoder otherwise turns the UNet's
 near-misses of a plain light scene (latents within ~0.2 of the truth) into dark smears, so
 object-free scenes, which removal asks for, came out wrong. The latent space, and so the
-UNet's task, stays the same. --resume continues from a saved folder; OUT/training.json
+UNet's task, stays the same. --resume continues from a saved folder; --init starts from one
+with a new one-token-per-word tokenizer, its text encoder carried over; OUT/training.json
 records the whole chain. Every scene comes from a seeded generator, so a run is
 reproducible up to floating-point non-determinism.
 """
