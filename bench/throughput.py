@@ -252,7 +252,8 @@ class Bench:
                            "compile": args.compile, "channels_last": args.channels_last},
             "removal": {"steps": args.steps, "guidance_scale": 7.5},
             "capture": {"self_attention": args.self_attention, "recipe": args.recipe,
-                        "self_attention_downscale": args.self_attention_downscale},
+                        "self_attention_downscale": args.self_attention_downscale,
+                        "steps": [int(i) for i in args.capture_steps.split(",")] if args.capture_steps else None},
             # keep every sample so all variants do the same work
             "filter": {"min_mask_fraction": 0.0, "max_mask_fraction": 1.0, "max_components": 10**6,
                        "min_image_std": 0.0, "min_removal_delta": 0.0},
@@ -382,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="capture.self_attention on (c and d): the affinity refinement's cost in c/a")
     parser.add_argument("--self-attention-downscale", type=int, default=2, metavar="N",
                         help="capture.self_attention_downscale with --self-attention (1: the latent's own size)")
+    parser.add_argument("--capture-steps", default=None, metavar="I,J,...",
+                        help="capture.steps for c and d: the denoising steps whose attention is read (default: all)")
     parser.add_argument("--recipe", choices=["cross", "concept_attention"], default="cross",
                         help="capture.recipe for c and d (concept_attention: sd3/flux models)")
     parser.add_argument("--json", type=Path, default=None)
@@ -403,8 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         v: statistics.median(t) / (2 * args.batch if v == "d" else args.batch) for v, t in times.items()
     }
     rates = {v: 1.0 / s for v, s in per_sample.items()}
-    capture_10, peak_10 = bench.capture_bytes(10)
-    capture_50, peak_50 = bench.capture_bytes(50)
+    # a short and a long generation: the capture must hold the same after both (the short one
+    # still reaches every step --capture-steps names)
+    short = 1 + max(bench.config.capture.steps) if bench.config.capture.steps else 10
+    capture_short, peak_short = bench.capture_bytes(short)
+    capture_50, peak_50 = bench.capture_bytes(max(50, short))
     flops = bench.flops_per_sample()
     result = {
         "model": args.model, "recipe": args.recipe, "device": str(bench.device),
@@ -415,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         "c_over_a": per_sample["a"] / per_sample["c"],
         "d_over_a_plus_b": (per_sample["a"] + per_sample["b"]) / per_sample["d"],
         "peak_memory_a": bench.peak_memory("a"), "peak_memory_c": bench.peak_memory("c"),
-        "capture_bytes_10_steps": capture_10, "capture_bytes_50_steps": capture_50,
-        "peak_memory_c_10_steps": peak_10, "peak_memory_c_50_steps": peak_50,
+        "capture_short_steps": short, "capture_bytes_short": capture_short, "capture_bytes_50_steps": capture_50,
+        "peak_memory_c_short": peak_short, "peak_memory_c_50_steps": peak_50,
         "tflop_per_triple": flops / 1e12,
         "achieved_tflops_d": flops * rates["d"] / 1e12,
         "mfu_d": flops * rates["d"] / (args.peak_tflops * 1e12) if args.peak_tflops else None,
@@ -429,10 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         print(f"| {names[v]} | {rates[v]:.3f} |")
     print(f"c/a = {result['c_over_a']:.3f}   d/(a+b) = {result['d_over_a_plus_b']:.3f}")
-    print(f"capture holds {capture_10} bytes after 10 steps, {capture_50} after 50")
+    print(f"capture holds {capture_short} bytes after {short} steps, {capture_50} after {max(50, short)}")
     if result["peak_memory_a"] is not None:
         print(f"peak memory a {result['peak_memory_a'] / 2**30:.2f} GiB, c {result['peak_memory_c'] / 2**30:.2f} GiB, "
-              f"c at 10 / 50 steps {peak_10 / 2**30:.2f} / {peak_50 / 2**30:.2f} GiB")
+              f"c at {short} / {max(50, short)} steps {peak_short / 2**30:.2f} / {peak_50 / 2**30:.2f} GiB")
     mfu = f", MFU of d {result['mfu_d']:.1%}" if result["mfu_d"] is not None else ""
     print(f"{result['tflop_per_triple']:.4f} TFLOP per triple, d achieves {result['achieved_tflops_d']:.4f} TFLOP/s{mfu}")
     write_json(args.json, result)
