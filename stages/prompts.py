@@ -27,6 +27,18 @@ def _drop_concept(text: str, word: str) -> str:
     return re.sub(r"\s+", " ", text).strip(" ,")
 
 
+def _drop_dangling_joins(text: str) -> str:
+    # "a dog and a cat in a park" -> "and in a park" -> "in a park": an 'and' or comma that
+    # joined dropped concepts joins nothing now.
+    words = text.replace(",", " , ").split()
+    joins = {"and", ","}
+    kept = [w for i, w in enumerate(words) if not (w.lower() in joins and (
+        i == 0 or i == len(words) - 1 or words[i + 1].lower() in joins))]
+    while kept and kept[0].lower() in joins:
+        kept.pop(0)
+    return " ".join(kept).replace(" ,", ",")
+
+
 class LineIndex:
     """Byte offsets of the non-blank lines of a JSONL file: line i is read on demand, so a
     file of millions of prompts costs 8 bytes a line in memory."""
@@ -238,6 +250,7 @@ class PromptBuilder:
             background = prompt
             for span in spans:
                 background = _drop_concept(background, span.word)
+            background = _drop_dangling_joins(background)
         words = [w for concept, _ in found for w in concept.words]
         negative = ", ".join(dict.fromkeys(w for w in [*words, self.config.negative_prompt] if w))
         return prompt, background, negative, spans

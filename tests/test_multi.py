@@ -67,6 +67,9 @@ def test_prompt_builder_with_two_and_three_concepts(tokenizer):
             assert tokenizer.decode([ids[p] for p in span.token_positions]).replace(" ", "") == span.word
             assert span.word not in background.split() and span.name in negative
         assert not names & set(background.replace(",", " ").split())
+        words = background.replace(",", " , ").split()
+        assert words[0] not in ("and", ",") and all(  # no join left dangling where concepts were
+            not (a in ("and", ",") and b in ("and", ",")) for a, b in zip(words, words[1:]))
     two = [m for i, m in enumerate(made) if i // 4 % 3 == 1]
     assert {m[1] for m in two} <= {"a park", "a kitchen"}  # the explicit background
     assert all("red" in m[0] and "blue" in m[0] for m in two)  # {colour2} drawn apart from {colour}
