@@ -53,7 +53,7 @@ def test_jsonl_prompts_plan_spans_and_classes(jsonl_config, write_config, capsys
     examples = report["examples"]
     assert [e["prompt"] for e in examples] == ["a photo of a dog in a park", "a zebra and a puppy in a kitchen",
                                                "a zebra in a park", "a photo of a dog in a park"]
-    assert examples[1]["background_prompt"] == "and in a kitchen"
+    assert examples[1]["background_prompt"] == "in a kitchen"  # both concepts and the join between them go
     assert examples[2]["background_prompt"] == "an empty park"
 
     from pipeline.plan import Plan
