@@ -38,6 +38,7 @@ sample's seed and prompt.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         path, _, values = args.sweep.partition("=")
         if path.partition(".")[0] not in ("refine", "filter"):
             parser.error("--sweep takes a refine or filter field: they run after the model")
-        variants = [RunConfig.model_validate(set_field(json.loads(json.dumps(data)), f"{path}={value}"))
+        variants = [RunConfig.model_validate(set_field(copy.deepcopy(data), f"{path}={value}"))
                     for value in values.split(",")]
 
     start = time.time()

@@ -409,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     # a short and a long generation: the capture must hold the same after both (the short one
     # still reaches every step --capture-steps names)
     short = 1 + max(bench.config.capture.steps) if bench.config.capture.steps else 10
+    long = max(50, short)
     capture_short, peak_short = bench.capture_bytes(short)
-    capture_50, peak_50 = bench.capture_bytes(max(50, short))
+    capture_50, peak_50 = bench.capture_bytes(long)
     flops = bench.flops_per_sample()
     result = {
         "model": args.model, "recipe": args.recipe, "device": str(bench.device),
@@ -435,10 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         print(f"| {names[v]} | {rates[v]:.3f} |")
     print(f"c/a = {result['c_over_a']:.3f}   d/(a+b) = {result['d_over_a_plus_b']:.3f}")
-    print(f"capture holds {capture_short} bytes after {short} steps, {capture_50} after {max(50, short)}")
+    print(f"capture holds {capture_short} bytes after {short} steps, {capture_50} after {long}")
     if result["peak_memory_a"] is not None:
         print(f"peak memory a {result['peak_memory_a'] / 2**30:.2f} GiB, c {result['peak_memory_c'] / 2**30:.2f} GiB, "
-              f"c at {short} / {max(50, short)} steps {peak_short / 2**30:.2f} / {peak_50 / 2**30:.2f} GiB")
+              f"c at {short} / {long} steps {peak_short / 2**30:.2f} / {peak_50 / 2**30:.2f} GiB")
     mfu = f", MFU of d {result['mfu_d']:.1%}" if result["mfu_d"] is not None else ""
     print(f"{result['tflop_per_triple']:.4f} TFLOP per triple, d achieves {result['achieved_tflops_d']:.4f} TFLOP/s{mfu}")
     write_json(args.json, result)

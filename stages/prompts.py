@@ -92,13 +92,13 @@ class PromptBuilder:
         ]
         return (own if count == 1 else []) + shared
 
-    def count_of(self, index: int) -> int:
-        """How many concepts sample `index` names. The count moves on once every class has had
-        its turn first, so each class comes first with each count alike (stepping both with
-        the index would tie them: three classes and counts [1, 2, 3] would always show the first
-        class alone)."""
-        counts = self.config.counts_per_image
-        return counts[(index // max(1, len(self.config.concepts))) % len(counts)]
+    def count_of(self, index):
+        """How many concepts sample `index` (an int or an int array) names. The count moves on
+        once every class has had its turn first, so each class comes first with each count alike
+        (stepping both with the index would tie them: three classes and counts [1, 2, 3] would
+        always show the first class alone)."""
+        counts = np.asarray(self.config.counts_per_image)
+        return counts[(index // len(self.config.concepts)) % len(counts)]
 
     def concept_counts(self, samples: int) -> dict[int, float]:
         """class id -> samples showing that class in a run of `samples`. From templates the
@@ -108,7 +108,7 @@ class PromptBuilder:
         if self.lines is None:
             index = np.arange(samples)
             first = index % len(concepts)
-            extra = np.array([self.count_of(i) for i in index]) - 1
+            extra = self.count_of(index) - 1
             firsts = np.bincount(first, minlength=len(concepts)).astype(float)
             extra_of_first = np.bincount(first, weights=extra, minlength=len(concepts))
             if len(concepts) > 1:
@@ -126,7 +126,7 @@ class PromptBuilder:
             return self.from_line(index % len(self.lines))
         concepts = self.config.concepts
         first = index % len(concepts)  # turns: see concept_counts
-        count = self.count_of(index)
+        count = int(self.count_of(index))
         choices = self._choices(first, count)
         template, background, _ = choices[int(rng.integers(len(choices)))]
         fills = {name: options[int(rng.integers(len(options)))] for name, options in sorted(self.config.fillers.items())}
