@@ -81,6 +81,10 @@ def _run_locked(config: RunConfig, rundir: RunDir, digest: str, token: str, show
                 progress.close()
     finally:
         if pending:  # what is on disk changed
+            # a worker killed mid-write during this run left its temp file; the executor has
+            # returned (this run's writers are done or dead) and the lock keeps other runs out
+            for path in rundir.temp_files():
+                path.unlink(missing_ok=True)
             scan = rundir.scan()
         summary = rundir.write_summary(failed, scan)
         write_card_safely(rundir.root, summary, list(scan.complete.values()))

@@ -163,10 +163,14 @@ class RunDir:
     def complete_shards(self) -> set[int]:
         return set(self.scan().complete)
 
+    def temp_files(self) -> list[Path]:
+        """Half-written files of writers killed before their rename."""
+        return list(self.shards.glob(f"{TEMP_PREFIX}*.tmp-*"))
+
     def clean_strays(self, scan: ShardScan) -> list[Path]:
         """Temp files of killed writers, tars whose stats never landed, and damaged shards:
         all are redone."""
-        stray = list(self.shards.glob(f"{TEMP_PREFIX}*.tmp-*"))
+        stray = self.temp_files()
         stray += [t for t in self.shards.glob("[0-9]*.tar") if SHARD_FILE.match(t.name) and not t.with_suffix(".json").is_file()]
         for shard in scan.damaged:
             stray += [self.tar_path(shard), self.stats_path(shard)]

@@ -89,6 +89,24 @@ def test_relative_out_is_resolved_before_workers_see_it(small, write_config, tmp
     assert audit(tmp_path / "relative" / "run") == []
 
 
+def test_a_writer_killed_mid_write_leaves_no_temp_file(small, write_config, tmp_path, monkeypatch):
+    """A worker killed between writing its temp file and renaming it, in a run that then
+    finishes on other workers: the run's directory holds no temp file at the end."""
+    import pipeline.run
+    from stages.write import temp_path
+
+    original = pipeline.run.EXECUTORS["local"]
+
+    def killed_writer_then_the_rest(config, root, *rest):
+        temp_path(RunDir(root).tar_path(0)).write_bytes(b"half a tar")
+        return original(config, root, *rest)
+
+    monkeypatch.setitem(pipeline.run.EXECUTORS, "local", killed_writer_then_the_rest)
+    out = tmp_path / "run"
+    assert run_cli(write_config(small), out) == 0
+    assert RunDir(out).temp_files() == [] and audit(out) == []
+
+
 def test_a_moved_run_and_a_renamed_run_resume(small, write_config, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(write_config(small), out) == 0
