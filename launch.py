@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shlex
@@ -10,16 +11,25 @@ import sys
 from pathlib import Path
 
 USER_ERROR = 2
+RUN_INCOMPLETE = 1
+INTERRUPTED = 130
+# An OSError with one of these is about a path the user gave (missing, not allowed, a file where
+# a folder must be, ...); any other (ENOSPC, EIO, ESTALE, ...) is the machine failing under us.
+USER_PATH_ERRORS = {
+    errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY,
+    errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL,
+}
 EXECUTION_FLAGS = ("executor", "address", "workers")  # `run` flags that override config.execution
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from pipeline.executors import RunCannotStart
     from pipeline.rundir import RunDirError
     from schemas.config import ConfigError
     from stages.models import ModelLoadError
     from stages.tokens import PromptError
 
-    return ConfigError, RunDirError, ModelLoadError, PromptError
+    return ConfigError, RunDirError, ModelLoadError, PromptError, RunCannotStart
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -56,10 +66,10 @@ def command_plan(args: argparse.Namespace) -> int:
     from pipeline.cost import estimate
     from pipeline.plan import Plan, plan_report
     from schemas.config import load_config
-    from stages.models import check_supported, load_text_layout
+    from stages.models import check_before_loading, load_text_layout
 
     config = load_config(args.config)
-    check_supported(config.model, config.capture)
+    check_before_loading(config)
     plan = Plan(config, load_text_layout(config.model))
     report = plan_report(config, plan, plan.preflight(), args.examples)
     report["cost"] = estimate(config, args.peak_tflops, args.utilisation)
@@ -247,16 +257,26 @@ def main(argv: list[str] | None = None) -> int:
     # Before diffusers/transformers load (and inherited by Ray workers): their import-time
     # notices (e.g. torchvision-less image processors maskmint never uses) are noise here.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from pipeline.lock import Fenced
+
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except _user_errors() as error:
         return user_error(str(error))
-    except OSError as error:  # a path the user gave that cannot be read or written
-        return user_error(f"{error.strerror or error}" + (f": {error.filename}" if error.filename else ""))
+    except Fenced as error:
+        print(f"error: {error}", file=sys.stderr)
+        return RUN_INCOMPLETE
+    except OSError as error:
+        text = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+        if error.errno in USER_PATH_ERRORS:
+            return user_error(text)  # a path the user gave that cannot be read or written
+        hint = f"; whole shards are kept, re-run to resume: {retry_command(args)}" if args.command == "run" else ""
+        print(f"error: {text}{hint}", file=sys.stderr)
+        return RUN_INCOMPLETE
     except KeyboardInterrupt:
         print("interrupted: whole shards are kept; re-run the same command to resume", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -77,29 +78,37 @@ def audit(out: Path) -> list[str]:
     unplanned = sorted(set(accounted) - set(planned))
     if unplanned:
         problems.append(f"{len(unplanned)} keys not in the plan")
-    temps = [p.name for p in shards.iterdir() if p.name.startswith(".")]
+    temps = [p.name for p in shards.iterdir() if re.match(r"^\.\d{6}\.(tar|json)\.tmp-", p.name)]
     if temps:
         problems.append(f"temp files left: {temps[:3]}")
-    problems += late_publications(out)
+    problems += late_publications(out, manifest["planned_shards"])
     return problems
 
 
-def late_publications(out: Path) -> list[str]:
-    """Shards published by a run after a later run had taken the directory."""
+def late_publications(out: Path, planned_shards: int) -> list[str]:
+    """Stats jsons that name no writer of `writers.jsonl`, and shards published by a run after
+    a later run had taken the directory."""
     history_path = out / "writers.jsonl"
-    if not history_path.is_file():
-        return []
-    started = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+    lines = history_path.read_text().splitlines() if history_path.is_file() else []
+    started = [json.loads(line) for line in lines if line.strip()]
     order = {holder["token"]: i for i, holder in enumerate(started)}
-    late = []
-    for stats_path in sorted((out / "shards").glob("[0-9]*.json")):
+    problems = []
+    for stats_path in (out / "shards" / f"{index:06d}.json" for index in range(planned_shards)):
+        if not stats_path.is_file():
+            continue
         token = json.loads(stats_path.read_text()).get("worker", {}).get("run")
-        if token not in order or order[token] + 1 >= len(started):
+        if token is None:
+            problems.append(f"{stats_path.name} carries no run token")
+            continue
+        if token not in order:
+            problems.append(f"{stats_path.name}: its run token is not a holder in writers.jsonl")
+            continue
+        if order[token] + 1 >= len(started):
             continue
         successor = started[order[token] + 1]["started"]
         if stats_path.stat().st_ctime > successor + PUBLISH_SLACK_S:
-            late.append(f"{stats_path.name} published by an earlier run after the next run took the directory")
-    return late
+            problems.append(f"{stats_path.name} published by an earlier run after the next run took the directory")
+    return problems
 
 
 def tiny_setup(scratch: Path, samples: int, max_attempts: int) -> Path:

@@ -34,7 +34,8 @@ class LockHeld(RuntimeError):
 
 
 class Fenced(RuntimeError):
-    """This writer's run no longer holds the directory: it must not publish anything."""
+    """This writer's run no longer holds the directory: it must not publish anything, and the
+    run stops (no retry, no other shard, no summary: the directory is the new holder's)."""
 
 
 def process_start(pid: int) -> str | None:
@@ -71,6 +72,8 @@ class Holder:
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        if self.pid < 0:
+            return f"an unreadable (half-written) lock last changed {when}"
         return f"host {self.host} pid {self.pid} (since {when})"
 
 
@@ -80,7 +83,10 @@ def read_holder(path: Path) -> Holder | None:
     except FileNotFoundError:
         return None
     except (ValueError, TypeError):  # half-written by a holder that died creating it
-        return Holder("", "?", -1, None, path.stat().st_mtime) if path.exists() else None
+        try:
+            return Holder("", "?", -1, None, path.stat().st_mtime)
+        except FileNotFoundError:
+            return None
 
 
 class RunLock:
@@ -154,10 +160,13 @@ class RunLock:
     def _heartbeat(self) -> None:
         interval = max(0.5, self.stale_after_s / 6)
         while not self._stop.wait(interval):
+            current = read_holder(self.path)
+            if current is None or self.holder is None or current.token != self.holder.token:
+                return  # taken over or removed: never keep another run's lock fresh; the fence stops our writers
             try:
                 os.utime(self.path)
             except OSError:
-                pass  # taken over or removed; the fence stops this run's writers
+                pass
 
     def release(self) -> None:
         self._stop.set()
@@ -187,5 +196,6 @@ class Fence:
             return  # a worker outside any run (benchmarks)
         current = read_holder(self.path)
         if current is None or current.token != self.token:
-            holder = current.describe() if current else "no run"
-            raise Fenced(f"the run directory is now held by {holder}; this worker's run ended, nothing published")
+            holder = current.describe() if current else "no run (its lock was removed)"
+            raise Fenced(f"the run directory was taken over: it is now held by {holder}; "
+                         "this run stopped and published nothing more")

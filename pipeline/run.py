@@ -8,13 +8,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.card import write_card
-from pipeline.executors import EXECUTORS
-from pipeline.lock import LockHeld, RunLock
+from pipeline.executors import EXECUTORS, RunCannotStart
+from pipeline.lock import Fenced, LockHeld, RunLock
 from pipeline.plan import Plan, shard_range
-from pipeline.rundir import RunDir, RunDirError
+from pipeline.rundir import RunDir, RunDirError, ShardScan
 from schemas.config import RunConfig
 from schemas.records import RunSummary, ShardStats
-from stages.models import check_supported, load_text_layout, model_fingerprint
+from stages.models import check_before_loading, load_text_layout, model_fingerprint
 
 
 class Progress:
@@ -47,10 +47,11 @@ def run(config: RunConfig, out: Path | str, show_progress: bool = True) -> RunSu
     """Everything that can be refused is checked before the directory is touched; then the
     directory is locked for this run alone, whole shards are kept, the rest are made."""
     rundir = RunDir(Path(out).expanduser().resolve())  # cluster workers do not share our cwd
-    check_supported(config.model, config.capture)
+    check_before_loading(config)
     Plan(config, load_text_layout(config.model)).preflight()
     digest = config.config_hash(model_fingerprint(config.model))
     rundir.check_config(digest)
+    made_root = not rundir.root.exists()
     rundir.create()
     lock = RunLock(rundir.root, config.execution.lock_stale_s)
     try:
@@ -59,11 +60,17 @@ def run(config: RunConfig, out: Path | str, show_progress: bool = True) -> RunSu
         raise RunDirError(str(error)) from None
     try:
         return _run_locked(config, rundir, digest, holder.token, show_progress)
+    except RunCannotStart:
+        lock.release()
+        if made_root:
+            rundir.remove_if_empty()
+        raise
     finally:
         lock.release()
 
 
 def _run_locked(config: RunConfig, rundir: RunDir, digest: str, token: str, show_progress: bool) -> RunSummary:
+    fresh = not rundir.exists()
     rundir.prepare(config, digest)
     scan = rundir.scan()
     for shard, reason in sorted(scan.damaged.items()):
@@ -79,15 +86,29 @@ def _run_locked(config: RunConfig, rundir: RunDir, digest: str, token: str, show
                 failed = EXECUTORS[config.execution.executor](config, rundir.root, pending, progress, token)
             finally:
                 progress.close()
-    finally:
-        if pending:  # what is on disk changed
-            # a worker killed mid-write during this run left its temp file; the executor has
-            # returned (this run's writers are done or dead) and the lock keeps other runs out
-            for path in rundir.temp_files():
-                path.unlink(missing_ok=True)
-            scan = rundir.scan()
-        summary = rundir.write_summary(failed, scan)
-        write_card_safely(rundir.root, summary, list(scan.complete.values()))
+    except Fenced:
+        raise  # the directory is the new holder's now: no sweep, no summary, no card from us
+    except RunCannotStart:
+        rundir.remove_temp_files()
+        if fresh and not rundir.scan().complete:
+            rundir.forget()  # as if never started: the corrected config is not "a different config"
+            raise
+        _finish(rundir, failed, pending, scan)
+        raise
+    except BaseException:
+        _finish(rundir, failed, pending, scan)
+        raise
+    return _finish(rundir, failed, pending, scan)
+
+
+def _finish(rundir: RunDir, failed: dict[int, str], pending: list[int], scan: ShardScan) -> RunSummary:
+    if pending:  # what is on disk changed
+        # a worker killed mid-write during this run left its temp file; the executor has
+        # returned (this run's writers are done or dead) and the lock keeps other runs out
+        rundir.remove_temp_files()
+        scan = rundir.scan()
+    summary = rundir.write_summary(failed, scan)
+    write_card_safely(rundir.root, summary, list(scan.complete.values()))
     return summary
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import __version__
+from pipeline.lock import HISTORY_NAME
 from schemas.config import RunConfig
 from schemas.records import (
     HEATMAP_FIELD,
@@ -22,7 +23,7 @@ from schemas.records import (
     ShardStats,
     background_field,
 )
-from stages.write import TEMP_PREFIX, atomic_write_bytes, file_sha256
+from stages.write import TEMP_NAME, atomic_write_bytes, file_sha256
 
 SHARD_FILE = re.compile(r"^(\d{6})\.(tar|json)$")
 
@@ -164,19 +165,44 @@ class RunDir:
         return set(self.scan().complete)
 
     def temp_files(self) -> list[Path]:
-        """Half-written files of writers killed before their rename."""
-        return list(self.shards.glob(f"{TEMP_PREFIX}*.tmp-*"))
+        """Half-written files of writers killed before their rename: only names maskmint's own
+        temp scheme makes, so a user's hidden file is never taken for one."""
+        if not self.shards.is_dir():
+            return []
+        return [Path(e.path) for e in os.scandir(self.shards) if TEMP_NAME.match(e.name)]
 
     def clean_strays(self, scan: ShardScan) -> list[Path]:
-        """Temp files of killed writers, tars whose stats never landed, and damaged shards:
-        all are redone."""
+        """What a resume redoes: temp files of killed writers, planned tars whose stats never
+        landed, and damaged planned shards. Anything else in shards/ is the user's and stays."""
         stray = self.temp_files()
-        stray += [t for t in self.shards.glob("[0-9]*.tar") if SHARD_FILE.match(t.name) and not t.with_suffix(".json").is_file()]
+        planned = self.manifest().planned_shards
+        stray += [self.tar_path(s) for s in range(planned) if s not in scan.complete and s not in scan.damaged
+                  and self.tar_path(s).is_file() and not self.stats_path(s).exists()]
         for shard in scan.damaged:
             stray += [self.tar_path(shard), self.stats_path(shard)]
         for path in stray:
             path.unlink(missing_ok=True)
         return stray
+
+    def remove_temp_files(self) -> None:
+        for path in self.temp_files():
+            path.unlink(missing_ok=True)
+
+    def forget(self) -> None:
+        """Undo a run that never made a whole shard: its manifest and writer history go, an empty
+        shards/ folder too, so the directory is as before (the lock is its holder's to release)."""
+        for path in (self.manifest_path, self.summary_path, self.root / HISTORY_NAME):
+            path.unlink(missing_ok=True)
+        try:
+            self.shards.rmdir()
+        except OSError:
+            pass  # not empty: files of the user's stay
+
+    def remove_if_empty(self) -> None:
+        try:
+            self.root.rmdir()
+        except OSError:
+            pass
 
     def pending(self, scan: ShardScan) -> list[int]:
         return [s for s in range(self.manifest().planned_shards) if s not in scan.complete]

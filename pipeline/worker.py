@@ -27,9 +27,11 @@ from stages.remove import Remove
 from stages.weak_mask import WeakMask
 from stages.write import encode_sample, write_shard
 
-# Debugging aid for failure handling: "SHARD[:raise|exit][:once]" makes that shard raise, or its
-# worker process exit hard, after the first mini-batch; with "once" only on the run's first try.
+# Debugging aid for failure handling: "SHARD[:raise|exit|hold][:once]" makes that shard raise, its
+# worker process exit hard, or wait (marker `.fault-held-SHARD` in the run directory, until
+# `.fault-release-SHARD` appears), after the first mini-batch; with "once" only on the run's first try.
 FAULT_ENV = "MASKMINT_INJECT_FAULT"
+HOLD_LIMIT_S = 120.0
 
 
 @contextmanager
@@ -66,6 +68,12 @@ def injected_fault(shard: int, root: Path) -> None:
         marker.touch()
     if "exit" in options:
         os._exit(13)
+    if "hold" in options:
+        (root / f".fault-held-{shard}").touch()
+        deadline = time.monotonic() + HOLD_LIMIT_S
+        while not (root / f".fault-release-{shard}").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return
     raise RuntimeError(f"injected fault on shard {shard}")
 
 
@@ -102,6 +110,7 @@ class ShardWorker:
         seconds: dict[str, float] = defaultdict(float)
         finishing = []
         for start in range(0, len(samples), self.config.generation.batch_size):
+            self.fence.check()  # a taken-over run stops within one mini-batch
             planned = samples[start : start + self.config.generation.batch_size]
             batch = self.model_stages(as_columns(planned), seconds)
             # CPU stages run beside the next batch's generation.

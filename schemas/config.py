@@ -425,6 +425,14 @@ class RemovalConfig(Section):
     )
 
 
+    @model_validator(mode="after")
+    def _some_step_left(self) -> RemovalConfig:
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(f"removal.strength: {self.strength:g} of removal.steps {self.steps} leaves no denoising "
+                             "step (steps x strength must be at least 1)")
+        return self
+
+
 class RefineConfig(Section):
     delta_e: float = Field(default=12.0, gt=0.0, description="Lab colour distance that counts as 'changed'")
     dilate_px: int = Field(default=6, ge=0, description="how far outside the weak mask the object may reach")
@@ -533,6 +541,13 @@ class RunConfig(Section):
         return {c.class_id: c.name for c in self.prompts.concepts}
 
     @model_validator(mode="after")
+    def _steps_exist(self) -> RunConfig:
+        if self.capture.steps is not None and max(self.capture.steps) >= self.generation.steps:
+            raise ValueError(f"capture.steps: step {max(self.capture.steps)} does not exist with generation.steps "
+                             f"{self.generation.steps} (steps are 0..{self.generation.steps - 1})")
+        return self
+
+    @model_validator(mode="after")
     def _shares_need_concept_attention(self) -> RunConfig:
         if self.mask.normalise == "none" and self.capture.recipe != "concept_attention":
             raise ValueError("mask.normalise: none takes maps that are shares (capture.recipe: concept_attention); "
@@ -575,7 +590,10 @@ def _format_error(error: ValidationError, prefix: str = "") -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{where or 'config'}: {message}")
+        if re.match(r"^[a-z_]+\.[a-z_.]+: ", message) and (not where or message.startswith(f"{where}.")):
+            lines.append(prefix + message)  # a check across fields names the field itself
+        else:
+            lines.append(f"{where or 'config'}: {message}")
     return "; ".join(dict.fromkeys(lines))
 
 
@@ -594,7 +612,9 @@ def load_config(path: Path | str) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config: file '{path}' not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: '{path}' is not UTF-8 text") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config: '{path}' is not valid YAML ({error})".replace("\n", " ")) from None
     return parse_config(data, base_dir=path.parent)

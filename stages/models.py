@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from schemas.config import CaptureConfig, ModelConfig
+from schemas.config import CaptureConfig, ModelConfig, RunConfig
 from stages.families import Family, UnsupportedModel, family_of_pipeline, resolve_family
 from stages.tokens import TextLayout
 
@@ -116,6 +116,62 @@ def check_supported(model: ModelConfig, capture: CaptureConfig) -> Family:
         if blocks is not None:
             check_blocks(capture.blocks, blocks)
     return family
+
+
+def check_before_loading(config: RunConfig) -> Family:
+    """Every choice the model's own config files can refute, refused before a run writes
+    anything: what its family cannot honour, image sizes its VAE and denoiser cannot tile,
+    and capture settings that would read no attention at all. Reads config JSONs only."""
+    family = check_supported(config.model, config.capture)
+    source = config_source(config.model)
+    try:
+        vae = read_model_json(source, "vae/config.json")
+        denoiser = read_model_json(source, f"{family.denoiser}/config.json")
+    except Exception as error:  # noqa: BLE001 - the loader says the same later; say it now
+        raise ModelLoadError(f"model.path: cannot read the model's configs: {error}".splitlines()[0]) from None
+    vae_scale = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    levels = denoiser_levels(family, denoiser)
+    native = (denoiser.get("sample_size") or 0) * vae_scale or vae.get("sample_size")
+    tile = vae_scale * levels
+    for side in ("height", "width"):
+        size = getattr(config.generation, side) or native
+        if size and size % tile:
+            raise ModelLoadError(
+                f"generation.{side}: {size} is not a multiple of {tile} (the VAE's factor {vae_scale} x the "
+                f"{family.denoiser}'s {levels}); e.g. {max(tile, size // tile * tile)}"
+            )
+    if family.denoiser == "unet":
+        check_unet_capture(config.capture, denoiser)
+    elif config.capture.recipe == "cross" and levels in config.capture.skip_downscales:
+        raise ModelLoadError(f"capture.skip_downscales: {levels} leaves out this model's only attention resolution")
+    return family
+
+
+def denoiser_levels(family: Family, denoiser: dict) -> int:
+    """How many times the denoiser's token grid is smaller than the latent at its coarsest:
+    a UNet's downsamplings, a transformer's patch (Flux packs 2 x 2 latents per token)."""
+    if family.denoiser == "unet":
+        return 2 ** (len(denoiser.get("down_block_types", [None])) - 1)
+    return (denoiser.get("patch_size") or 1) * (2 if family.packed_latents else 1)
+
+
+def check_unet_capture(capture: CaptureConfig, unet: dict) -> None:
+    """The resolutions a UNet has attention at must include those the capture reads."""
+    blocks = unet.get("down_block_types", [])
+    with_attention = {2**i for i, kind in enumerate(blocks) if "CrossAttn" in kind}
+    mid = 2 ** (len(blocks) - 1) if "CrossAttn" in (unet.get("mid_block_type") or "UNetMidBlock2DCrossAttn") else None
+    cross = with_attention | ({mid} if capture.include_mid_block and mid else set())
+    if not cross - set(capture.skip_downscales):
+        raise ModelLoadError(
+            f"capture.skip_downscales: {sorted(capture.skip_downscales)} leaves out every cross-attention resolution "
+            f"of this UNet (it has {sorted(cross)}{'' if capture.include_mid_block else ', mid block off'})"
+        )
+    if capture.self_attention and capture.self_attention_downscale not in with_attention | ({mid} if mid else set()):
+        raise ModelLoadError(
+            f"capture.self_attention_downscale: this UNet has self-attention at "
+            f"{sorted(with_attention | ({mid} if mid else set()))} times smaller than the latent, "
+            f"not {capture.self_attention_downscale}"
+        )
 
 
 def check_blocks(wanted: list[int] | None, blocks: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import socket
 from collections.abc import Callable
@@ -16,6 +17,8 @@ import webdataset as wds
 from schemas.records import HEATMAP_FIELD, MASK_FIELD, METADATA_FIELD, SampleMetadata, ShardStats, background_field
 
 TEMP_PREFIX = "."  # temp files are hidden, so `*.tar` globs never see a half-written shard
+# What `temp_path` makes, and nothing else: `.NAME.tmp-HOST-PID-RANDOM`.
+TEMP_NAME = re.compile(r"^\.(?P<name>[^/]+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
 def encode_image(image: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
@@ -126,7 +129,11 @@ def write_shard(
         stats_tmp = _write_temp(stats_path, lambda handle: handle.write(stats.model_dump_json(indent=1).encode()))
         before_publish()
         os.replace(tar_tmp, tar_path)
-        os.replace(stats_tmp, stats_path)
+        try:
+            os.replace(stats_tmp, stats_path)
+        except BaseException:
+            tar_path.unlink(missing_ok=True)  # its stats never landed: nothing of the shard stays visible
+            raise
     finally:
         for tmp in (tar_tmp, stats_tmp):
             if tmp is not None:

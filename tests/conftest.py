@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,28 @@ def config_dict(tiny_model_dir) -> dict:
     data = copy.deepcopy(BASE_CONFIG)
     data["model"]["path"] = str(tiny_model_dir)
     return data
+
+
+@pytest.fixture
+def small(config_dict) -> dict:
+    """Three shards of two samples: enough to fail one while the others are whole."""
+    data = copy.deepcopy(config_dict)
+    data["output"] = {"samples": 6, "shard_size": 2}
+    return data
+
+
+def tar_fields(out: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {field: the bytes stored in the run's tars}, read with tarfile alone; a key's
+    field stored twice fails."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                key, _, field = member.name.partition(".")
+                fields = samples.setdefault(key, {})
+                assert field not in fields, f"{member.name} twice"
+                fields[field] = tar.extractfile(member).read()
+    return samples
 
 
 @pytest.fixture

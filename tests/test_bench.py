@@ -69,15 +69,20 @@ def test_shipped_model_is_the_demos_and_its_masks_beat_chance():
     summary, scores, _, _ = quality.evaluate(RunConfig.model_validate(data), samples=6, progress=False)
     # chance: a mask of the object's size placed at random overlaps it by about its area share (~5-15%)
     chance = np.mean([s["truth_area"] for s in scores])
+    # about 0.05 below what the shipped model reaches on these samples (0.998, 0.884, 0.983)
     assert summary["prompt_fidelity"] >= 0.8, scores
     assert summary["heat_auc"] >= 0.95, scores  # the maps rank object pixels above the rest
-    assert summary["weak_iou"] >= max(0.75, 4 * chance), scores
-    assert summary["refined_iou"] >= 0.9, scores
+    assert summary["weak_iou"] >= max(0.83, 4 * chance), scores
+    assert summary["refined_iou"] >= 0.93, scores
     assert summary["object_left"] < 0.05, scores  # removal leaves (almost) no object colour
 
 
-@pytest.mark.parametrize(("objects", "least"), [(2, {"faithful": 8, "weak_miou": 0.6, "refined_miou": 0.8, "confusion": 0.03}),
-                                               (3, {"faithful": 6, "weak_miou": 0.45, "refined_miou": 0.65, "confusion": 0.1})])
+# about 0.05 below what the shipped model reaches on these samples: two objects heat AUC 0.987,
+# weak mIoU 0.754, final 0.871; three 0.974, 0.608, 0.784 (confusion 0.3% and 4.8%)
+@pytest.mark.parametrize(("objects", "least"), [
+    (2, {"faithful": 12, "heat_auc": 0.94, "weak_miou": 0.70, "refined_miou": 0.82, "confusion": 0.03}),
+    (3, {"faithful": 9, "heat_auc": 0.92, "weak_miou": 0.55, "refined_miou": 0.73, "confusion": 0.1}),
+])
 def test_multi_config_on_the_shipped_model_beats_chance(objects, least):
     """configs/multi.yaml with two or three shapes per image: each found in its own class
     where the model drew them all as asked (most of the time: see bench/RESULTS.md)."""
@@ -95,6 +100,7 @@ def test_multi_config_on_the_shipped_model_beats_chance(objects, least):
     faithful = [s for s in scores if s["faithful"]]
     assert len(faithful) >= least["faithful"], scores
     chance = np.mean([s["truth_area"] for s in faithful]) / objects  # one object's share
+    assert summary["heat_auc"] >= least["heat_auc"], summary
     assert summary["weak_miou"] >= max(least["weak_miou"], 4 * chance), summary
     assert summary["refined_miou"] >= least["refined_miou"], summary
     assert summary["confusion"] < least["confusion"], summary  # objects are told apart
@@ -103,7 +109,8 @@ def test_multi_config_on_the_shipped_model_beats_chance(objects, least):
 
 def test_toy_flux_config_on_its_shipped_model_beats_chance():
     """configs/toy-flux.yaml on assets/toy-flux, one shape per image: removal and refinement
-    recover the object (its attention maps barely localise it: bench/RESULTS.md)."""
+    recover the object, while its attention barely localises it (heat AUC 0.596, weak IoU
+    0.139, final 0.902 on these samples: bench/RESULTS.md); held to those, 0.05 below."""
     config = load_config(REPO / "configs" / "toy-flux.yaml")
     assert Path(config.model.path).resolve() == (REPO / "assets" / "toy-flux").resolve()
     assert json.loads((REPO / "assets" / "toy-flux" / "training.json").read_text())["trained_by"] == "bench/train_toy_dit.py"
@@ -112,7 +119,9 @@ def test_toy_flux_config_on_its_shipped_model_beats_chance():
     data["execution"]["seed"] = 7
     summary, scores, _, _ = quality.evaluate(RunConfig.model_validate(data), samples=8, progress=False)
     chance = np.mean([s["truth_area"] for s in scores])
-    assert summary["refined_iou"] >= max(0.6, 4 * chance), scores
+    assert summary["heat_auc"] >= 0.55, scores
+    assert summary["weak_iou"] >= 0.09, scores
+    assert summary["refined_iou"] >= max(0.85, 4 * chance), scores
     assert summary["object_left"] < 0.05, scores
 
 

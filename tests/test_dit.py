@@ -101,14 +101,21 @@ def _generate_plain(name, pipe, batch, layout, processor_factory):
         {n: processor_factory(n.removesuffix(".processor"), log) for n in transformer.attn_processors}
     )
     family = family_of_pipeline(pipe)
+    latents = _pipe_output(pipe, batch, layout, "latent")
     with torch.inference_mode():
-        latents = pipe(
-            **family.prompt_kwargs(layout, batch["prompt"], batch["negative_prompt"]), num_inference_steps=STEPS,
-            guidance_scale=5.0, generator=[torch.Generator().manual_seed(s) for s in batch["seed"]],
-            height=TEST_IMAGE_SIZE, width=TEST_IMAGE_SIZE, output_type="latent",
-        ).images
         image = decode(pipe.vae, family.latents_for_vae(pipe, latents, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE))
     return to_uint8(image), log
+
+
+def _pipe_output(pipe, batch, layout, output_type: str):
+    """The family pipeline's own call on the batch's prompts and seeds."""
+    with torch.inference_mode():
+        return pipe(
+            **family_of_pipeline(pipe).prompt_kwargs(layout, batch["prompt"], batch["negative_prompt"]),
+            num_inference_steps=STEPS, guidance_scale=5.0,
+            generator=[torch.Generator().manual_seed(s) for s in batch["seed"]],
+            height=TEST_IMAGE_SIZE, width=TEST_IMAGE_SIZE, output_type=output_type,
+        ).images
 
 
 def _storing(name):
@@ -137,6 +144,18 @@ def test_joint_capture_equals_slow_reference_and_leaves_images_alone(dit):
     plain, _ = _generate_plain(name, pipe, batch, layout, lambda layer, log: DEFAULT_PROCESSORS[name]())
     np.testing.assert_array_equal(out["image"], plain)  # capture leaves the images bit for bit
     np.testing.assert_array_equal(stored_image, plain)
+
+
+def test_generated_images_are_the_family_pipelines_own_decode(dit):
+    """Latents to pixels by diffusers' own pipeline (output_type="np"), not by maskmint's path:
+    the VAE's shift and scale (both non-zero here) and Flux's packing are undone as it does."""
+    name, pipe = dit
+    assert pipe.vae.config.shift_factor and pipe.vae.config.scaling_factor != 1.0
+    batch, layout = _batch(pipe)
+    ours = Generate(pipe, GenerationConfig(steps=STEPS, guidance_scale=5.0), CaptureConfig())(batch)["image"]
+    theirs = _pipe_output(pipe, batch, layout, "np")
+    assert ours.shape == theirs.shape
+    assert np.abs(ours.astype(int) - (theirs * 255).round().astype(int)).max() <= 1
 
 
 def test_joint_capture_in_bounded_chunks_is_the_same(dit, monkeypatch):

@@ -17,20 +17,12 @@ from pipeline.plan import planned_keys
 from pipeline.rundir import RunDir
 from pipeline.worker import FAULT_ENV
 from schemas.config import load_config
+from stages.write import temp_path
+from tests.conftest import tar_fields
 
 
 def run_cli(config_path, out) -> int:
     return launch.main(["run", "--config", str(config_path), "--out", str(out), "--quiet"])
-
-
-def shard_members(out):
-    members = {}
-    for tar_path in sorted((out / "shards").glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for member in tar.getmembers():
-                key, _, field = member.name.partition(".")
-                members.setdefault(key, {})[field] = tar.extractfile(member).read()
-    return members
 
 
 def test_run_writes_shards_readable_by_plain_webdataset(config_dict, write_config, tmp_path, capsys):
@@ -63,7 +55,7 @@ def test_run_writes_shards_readable_by_plain_webdataset(config_dict, write_confi
         assert meta["quality"]["mask_fraction"] >= 0
 
     # the raw tar: the mask is a single-channel PNG of class indices
-    members = shard_members(out)
+    members = tar_fields(out)
     assert set(members) == set(written)
     for fields in members.values():
         assert set(fields) == {"jpg", "mask.png", "background.jpg", "heatmap.png", "json"}
@@ -104,7 +96,7 @@ def test_interrupted_run_resumes_exactly(config_dict, write_config, tmp_path, mo
     assert summary["pending_shards"] == [1] and "1" in summary["failed_shards"] and not summary["whole"]
 
     # a killed writer's leftovers: a temp file and a tar whose stats never landed
-    (out / "shards" / ".000001.tar.tmp-999").write_bytes(b"partial")
+    temp_path(out / "shards" / "000001.tar").write_bytes(b"partial")  # maskmint's own temp naming
     (out / "shards" / "000001.tar").write_bytes(b"not whole")
     first_shards = {p.name: p.read_bytes() for p in (out / "shards").glob("00000[02].*")}
 
@@ -115,7 +107,7 @@ def test_interrupted_run_resumes_exactly(config_dict, write_config, tmp_path, mo
     written = [k for s in stats for k in s.written]
     dropped = [k for s in stats for k in s.dropped]
     assert sorted(written + dropped) == planned_keys(config)
-    keys_in_tars = [key for key in shard_members(out)]
+    keys_in_tars = [key for key in tar_fields(out)]
     counts = Counter(
         name.partition(".")[0]
         for t in (out / "shards").glob("*.tar")
@@ -146,7 +138,7 @@ def test_same_key_gives_same_sample(config_dict, write_config, tmp_path):
     data["output"] = {"samples": 3, "shard_size": 3}
     assert run_cli(write_config(data, "a.yaml"), tmp_path / "a") == 0
     assert run_cli(write_config(data, "a.yaml"), tmp_path / "b") == 0
-    a, b = shard_members(tmp_path / "a"), shard_members(tmp_path / "b")
+    a, b = tar_fields(tmp_path / "a"), tar_fields(tmp_path / "b")
     assert a.keys() == b.keys() and a
     for key in a:
         assert a[key]["jpg"] == b[key]["jpg"] and a[key]["mask.png"] == b[key]["mask.png"]

@@ -181,3 +181,93 @@ def test_nan_and_infinity_are_refused_where_they_make_no_sense(base_config, tmp_
         path.write_text(yaml.safe_dump(data))
         assert launch.main(["plan", "--config", str(path)]) == 2
         assert f"{section}.{field}" in capsys.readouterr().err
+
+
+# -- `run` itself on tiny models: what only the model can judge is judged before any work ------
+
+RUN_EXAMPLES = int(os.environ.get("MASKMINT_FUZZ_RUN_EXAMPLES", "250"))
+sizes = st.sampled_from([None, 8, 16, 24, 32, 40, 48])
+indices = st.lists(st.integers(0, 5), min_size=1, max_size=3)
+
+
+@st.composite
+def runnable_configs(draw, families: dict) -> dict:
+    """Configs that validate, drawn over the fields that meet the model: sizes, steps, what
+    capture reads, the mask and removal options; one or two samples each."""
+    family = draw(st.sampled_from(sorted(families)))
+    data = copy.deepcopy(BASE_CONFIG)
+    data["model"]["path"] = families[family]
+    steps = draw(st.integers(1, 4))
+    data["generation"] = {"steps": steps, "guidance_scale": draw(st.sampled_from([0.0, 1.0, 5.0])),
+                          "batch_size": draw(st.integers(1, 3)), "height": draw(sizes), "width": draw(sizes)}
+    dit = family != "sd"
+    usual = draw(st.integers(0, 9)) > 0  # mostly what the family takes; sometimes not
+    recipe = draw(st.sampled_from(["cross", "concept_attention"])) if dit or not usual else "cross"
+    capture = {"steps": draw(st.one_of(st.none(), st.lists(st.integers(0, steps if usual else steps + 2), min_size=1,
+                                                          max_size=3))),
+               "include_mid_block": draw(st.booleans()),
+               "skip_downscales": draw(st.lists(st.sampled_from([1, 2, 4, 8]), max_size=2 if usual else 3)),
+               "weighting": draw(st.sampled_from(["per_map", "per_resolution"])),
+               "recipe": recipe,
+               "blocks": draw(st.one_of(st.none(), indices)) if dit or not usual else None}
+    if draw(st.booleans()) and (not dit or not usual):
+        capture |= {"self_attention": True, "self_attention_downscale": draw(st.integers(1, 4)),
+                    "self_attention_power": draw(st.integers(1, 3))}
+    data["capture"] = capture
+    data["mask"] = {"threshold": draw(st.sampled_from(["fixed", "otsu", "gmm", "band"])),
+                    "normalise": draw(st.sampled_from(["per_map", "none"])) if recipe != "cross" or not usual else "per_map",
+                    "open_px": draw(st.integers(0, 3)), "close_px": draw(st.integers(0, 3))}
+    data["removal"] = {"steps": draw(st.integers(1, 4)), "strength": draw(st.sampled_from([0.5, 1.0, 1.0])),
+                       "dilate_px": draw(st.integers(0, 6)), "prefill": draw(st.booleans()),
+                       "guidance_scale": draw(st.sampled_from([0.0, 5.0]))}
+    data["prompts"]["concepts_per_image"] = draw(st.sampled_from([1, 2, [1, 2]]))
+    data["prompts"]["templates"] = ["a photo of a {concept} in a {place}", "a {concept} and a {concept2} in a {place}"]
+    data["output"] = {"samples": draw(st.integers(1, 2)), "shard_size": draw(st.integers(1, 2)),
+                      "image_format": draw(st.sampled_from(["jpg", "png"]))}
+    data["execution"] = {"executor": "local", "cpu_threads": 1, "max_attempts": draw(st.integers(1, 2))}
+    return data
+
+
+@pytest.fixture(scope="module")
+def fuzz_families(tiny_model_dir, tmp_path_factory) -> dict:
+    from pipeline.tiny_model import build_tiny_flux_pipeline
+
+    flux = tmp_path_factory.mktemp("models") / "tiny-flux"
+    build_tiny_flux_pipeline(seed=2, image_size=32).save_pretrained(flux)
+    return {"sd": str(tiny_model_dir), "flux": str(flux)}
+
+
+def test_fuzzed_runs_finish_or_are_refused_before_any_work(fuzz_families, capsys):
+    """The oracle: exit 0, or exit 2 with one line and no shard written (no directory left
+    behind either); never exit 1, never a traceback."""
+    outcomes, reasons = Counter(), Counter()
+
+    @settings(max_examples=RUN_EXAMPLES, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(data=runnable_configs(fuzz_families))
+    def check(data):
+        with tempfile.TemporaryDirectory() as scratch:
+            path, out = Path(scratch) / "c.yaml", Path(scratch) / "run"
+            path.write_text(yaml.safe_dump(data))
+            code = launch.main(["run", "--config", str(path), "--out", str(out), "--quiet"])
+            captured = capsys.readouterr()
+            assert code in (0, 2) and "Traceback" not in captured.err, (code, captured.err, data)
+            planned = launch.main(["plan", "--config", str(path), "--json"])
+            plan_err = capsys.readouterr().err.strip().splitlines()
+            if code == 2:
+                lines = captured.err.strip().splitlines()
+                assert len(lines) == 1 and lines[0].startswith("error: "), (lines, data)
+                assert not out.exists(), (lines, data, sorted(p.name for p in out.rglob("*")))
+                assert planned == 2 and plan_err == lines, (plan_err, lines, data)  # known before any work
+            else:
+                assert sorted(p.name for p in (out / "shards").glob("*.tar")), data
+                assert planned == 0, (plan_err, data)
+            outcomes[code] += 1
+            if code == 2:
+                reasons[lines[0][:110]] += 1
+
+    check()
+    with capsys.disabled():
+        print(f"\nfuzzed runs: {sum(outcomes.values())} ({outcomes[0]} ran, {outcomes[2]} refused in one line); "
+              f"refused for: {dict(reasons.most_common(6))}")
+    assert outcomes[0] > 0 and outcomes[2] > 0

@@ -33,13 +33,6 @@ def error_lines(capsys) -> list[str]:
     return capsys.readouterr().err.strip().splitlines()
 
 
-@pytest.fixture
-def small(config_dict) -> dict:
-    data = copy.deepcopy(config_dict)
-    data["output"] = {"samples": 6, "shard_size": 2}
-    return data
-
-
 def test_minimal_config_runs_on_every_default(tiny_model_dir, write_config, tmp_path):
     """Only model.path and one concept: every other field is its documented default."""
     data = {"model": {"path": str(tiny_model_dir)}, "prompts": {"concepts": [{"name": "dog", "class_id": 1}]}}

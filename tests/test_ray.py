@@ -11,7 +11,6 @@ import random
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,6 +23,7 @@ from pipeline.plan import planned_keys
 from pipeline.rundir import RunDir
 from pipeline.worker import FAULT_ENV
 from schemas.config import load_config
+from tests.conftest import tar_fields
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -49,19 +49,6 @@ def run_cli(config_path, out, *extra) -> int:
     return launch.main(["run", "--config", str(config_path), "--out", str(out), "--quiet", *extra])
 
 
-def tar_contents(out: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {field: bytes}; fails if a key appears twice."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for tar_path in sorted((out / "shards").glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for member in tar.getmembers():
-                key, _, field = member.name.partition(".")
-                fields = samples.setdefault(key, {})
-                assert field not in fields, f"{member.name} twice"
-                fields[field] = tar.extractfile(member).read()
-    return samples
-
-
 def assert_exactly_planned(config_path, out: Path) -> None:
     """Every planned key is written or dropped exactly once and every tar is whole and readable."""
     stats = RunDir(out).shard_stats()
@@ -69,7 +56,7 @@ def assert_exactly_planned(config_path, out: Path) -> None:
     dropped = [k for s in stats for k in s.dropped]
     assert sorted(written + dropped) == planned_keys(load_config(config_path))
     assert Counter(written + dropped).most_common(1)[0][1] == 1
-    assert sorted(tar_contents(out)) == sorted(written)
+    assert sorted(tar_fields(out)) == sorted(written)
     assert not [p.name for p in (out / "shards").iterdir() if p.name.startswith(".")]
 
 
@@ -82,7 +69,7 @@ def test_two_ray_workers_match_the_local_executor(ray_instance, ray_config, writ
         assert run_cli(config_path, tmp_path / "local", "--executor", "local") == 0
     finally:
         torch.set_num_threads(threads)
-    on_ray, local = tar_contents(tmp_path / "ray"), tar_contents(tmp_path / "local")
+    on_ray, local = tar_fields(tmp_path / "ray"), tar_fields(tmp_path / "local")
     assert sorted(on_ray) == sorted(local) and on_ray
     assert all(on_ray[k]["mask.png"] == local[k]["mask.png"] for k in local)
     workers = {json.loads((tmp_path / "ray" / "shards" / f"{s:06d}.json").read_text())["worker"]["pid"] for s in range(3)}
@@ -125,6 +112,41 @@ def test_permanent_failure_is_named_and_a_fixed_rerun_completes(
     assert run_cli(config_path, out) == 0
     assert_exactly_planned(config_path, out)
     assert json.loads((out / "summary.json").read_text())["whole"]
+
+
+def test_a_takeover_mid_shard_stops_a_ray_run_and_publishes_nothing(
+    ray_instance, ray_config, write_config, tmp_path, monkeypatch, capsys
+):
+    from tests.test_guarantees import run_taken_over
+
+    run_taken_over(write_config(ray_config), tmp_path / "run", monkeypatch, capsys)
+
+
+def test_a_local_run_resumed_on_two_ray_workers_keeps_its_shards_byte_for_byte(
+    ray_instance, ray_config, write_config, tmp_path, monkeypatch
+):
+    config_path, out = write_config(ray_config), tmp_path / "run"
+    monkeypatch.setenv(FAULT_ENV, "1")
+    assert run_cli(config_path, out, "--executor", "local") == 1
+    kept = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "shards").iterdir()}
+    assert sorted(kept) == ["000000.json", "000000.tar", "000002.json", "000002.tar"]
+    monkeypatch.delenv(FAULT_ENV)
+    assert run_cli(config_path, out, "--executor", "ray", "--workers", "2") == 0
+    assert {n: (p.stat().st_mtime_ns, p.read_bytes()) for n, p in ((n, out / "shards" / n) for n in kept)} == kept
+    assert_exactly_planned(config_path, out)
+
+
+def test_a_plain_ray_run_prints_only_maskmints_progress_and_summary(ray_config, write_config, tmp_path):
+    """Its own private Ray, as a user's first run starts one: no notice of Ray's in the output."""
+    config_path, out = write_config(ray_config), tmp_path / "run"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
+    env.pop("RAY_AUTH_MODE", None)
+    done = subprocess.run([sys.executable, "launch.py", "run", "--config", str(config_path), "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines() == [f"{out}: 10 samples written, 0 dropped, 3/3 shards whole"]
+    pieces = [p.strip() for p in done.stderr.replace("\r", "\n").splitlines() if p.strip()]
+    assert pieces and all(p.startswith("maskmint:") for p in pieces), pieces
 
 
 def _group_alive(pgid: int) -> bool:
@@ -179,15 +201,20 @@ def test_a_model_that_fails_to_load_in_the_workers_exits_2(ray_instance, ray_con
 class StandIn:
     """A worker without a model: hangs where told to, to test the bounded waits."""
 
-    def __init__(self, hang_ready: bool = False, slow_shard: int | None = None, marker: str = "", seconds: float = 0.0):
+    def __init__(self, hang_ready: bool = False, slow_shard: int | None = None, marker: str = "", seconds: float = 0.0,
+                 die_once: str = ""):
         self.hang_ready, self.slow_shard, self.marker, self.seconds = hang_ready, slow_shard, marker, seconds
+        self.die_once = die_once  # exit on the first shard; once restarted, never get ready
 
     def ready(self) -> bool:
-        if self.hang_ready:
+        if self.hang_ready or (self.die_once and os.path.exists(self.die_once)):
             time.sleep(3600)
         return True
 
     def run_shard(self, shard: int):
+        if self.die_once and not os.path.exists(self.die_once):
+            open(self.die_once, "w").close()
+            os._exit(1)
         if shard == self.slow_shard and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             time.sleep(3600)  # a hung device, on the first try only
@@ -243,3 +270,15 @@ def test_a_hung_shard_is_timed_out_and_retried(stand_in, tmp_path):
     failed = dispatch([actor], [0, 1, 2], Limits(2, 60.0, 2.0), progress)
     assert failed == {} and progress.samples_seen == 3
     assert progress.failures == [(1, "no result within shard_timeout_s", False)]
+
+
+def test_a_worker_not_ready_after_its_restart_is_given_up(stand_in, tmp_path):
+    from pipeline.executors import Limits, dispatch
+
+    progress = Notes()
+    flaky = stand_in.remote(die_once=str(tmp_path / "died"))
+    failed = dispatch([flaky, stand_in.remote(seconds=1.5)], list(range(6)), Limits(3, 4.0, None), progress)
+    assert (tmp_path / "died").exists(), "the worker died"
+    assert failed == {} and progress.samples_seen == 6
+    assert [(shard, final) for shard, _, final in progress.failures] == [(progress.failures[0][0], False)]
+    assert any("not ready within worker_start_timeout_s=4" in n for n in progress.notes), progress.notes
