@@ -54,6 +54,7 @@ from pipeline.tiny_model import (
 )
 from pipeline.worker import ShardWorker, as_columns
 from schemas.config import RunConfig
+import stages.generate as generate_stage
 from stages.families import family_of_pipeline
 from stages.models import load_inpainting, load_text_to_image, quiet_libraries
 
@@ -378,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the shared UNet (generation.compile); the warm-up round compiles")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend for --compile (eager: trace only, for a quick CPU rehearsal)")
     parser.add_argument("--channels-last", action="store_true", help="UNet in channels-last layout (all variants)")
     parser.add_argument("--self-attention", action="store_true",
                         help="capture.self_attention on (c and d): the affinity refinement's cost in c/a")
@@ -390,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    generate_stage.COMPILE_BACKEND = args.compile_backend
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -296,3 +296,25 @@ def test_full_size_benchmark_models_have_the_published_sizes(builder, denoiser, 
     with torch.device("meta"):
         pipe = getattr(throughput, builder)(*([True] if builder == "build_flux" else []))
     assert low <= sum(p.numel() for p in getattr(pipe, denoiser).parameters()) <= high
+
+
+def test_gpu_script_dry_run_on_cpu_writes_every_step(tmp_path):
+    """bench/gpu.sh with DEVICE=cpu: the same steps on the tiny models, each step's record
+    and exit code written, so the GPU call itself is one prepared command."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu"
+    env = dict(os.environ, DEVICE="cpu", PYTHON=sys.executable, BUDGET_S="600")
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(out)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = json.loads((out / "steps.json").read_text())
+    assert list(steps) == ["sd15", "sd15-compile", "sdxl", "flux-schnell-cross", "flux-schnell-concept"]
+    assert all(step["exit"] == "0" for step in steps.values()), steps
+    for name in steps:
+        record = json.loads((out / f"{name}.json").read_text())
+        assert set(record["samples_per_s"]) == {"a", "b", "c", "d"} and record["c_over_a"] > 0
+    assert json.loads((out / "flux-schnell-concept.json").read_text())["recipe"] == "concept_attention"
+    assert "torch" in (out / "gpu.log").read_text()

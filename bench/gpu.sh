@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Every GPU measurement of maskmint in one call, most important first, so a run cut off at
+# its limit still returns what it measured. On a machine with torch and nothing else of
+# maskmint's stack: the wheels `bench/gpu-wheels.sh` puts in .whl/ travel beside it.
+#
+#   bash bench/gpu.sh OUT                 # CUDA: the real architectures, random weights
+#   DEVICE=cpu bash bench/gpu.sh OUT      # the same steps on the tiny models (a dry run, in CI)
+#
+# Writes OUT/NAME.json per step (bench/throughput.py's record), OUT/gpu.log (everything
+# printed) and OUT/steps.json (each step's exit code and seconds). BUDGET_S (default 450)
+# bounds the whole call: a step is skipped once less than its own limit is left.
+set -u
+out=${1:-${OUT:-gpu-out}}
+device=${DEVICE:-cuda}
+budget=${BUDGET_S:-450}
+cd "$(dirname "$0")/.." || exit 2
+mkdir -p "$out"
+log="$out/gpu.log"
+python=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/maskmint-site .whl/*.whl \
+    >>"$log" 2>&1 || { echo "wheels did not install (see $log)"; exit 2; }
+  export PYTHONPATH=/tmp/maskmint-site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+start=$(date +%s)
+echo "{" >"$out/steps.json"
+first=1
+
+step() {  # step NAME LIMIT_S ARGS...: one bench.throughput run, bounded
+  local name=$1 limit=$2 began rc
+  shift 2
+  local left=$((budget - ($(date +%s) - start)))
+  if [ "$left" -lt "$limit" ]; then
+    echo "== $name skipped: $left s left of the budget, it may take $limit" | tee -a "$log"
+    rc=skipped
+  else
+    echo "== $name: python -m bench.throughput $* --json $out/$name.json" | tee -a "$log"
+    began=$(date +%s)
+    timeout "$limit" $python -m bench.throughput "$@" --json "$out/$name.json" >>"$log" 2>&1
+    rc=$?
+    echo "== $name exit $rc after $(($(date +%s) - began)) s" | tee -a "$log"
+  fi
+  [ $first = 1 ] || echo "," >>"$out/steps.json"
+  first=0
+  echo "\"$name\": {\"exit\": \"$rc\", \"after_s\": $(($(date +%s) - start))}" >>"$out/steps.json"
+}
+
+{ date -u; uname -a; $python -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } >>"$log" 2>&1
+
+if [ "$device" = cuda ]; then
+  peak="--peak-tflops 989"  # H100/H200 dense bf16/fp16 peak
+  step sd15 120 --model sd15 --device cuda --dtype fp16 --batch 8 --steps 30 --repeats 2 $peak
+  step sd15-compile 180 --model sd15 --device cuda --dtype fp16 --batch 8 --steps 30 --repeats 2 --compile $peak
+  step sdxl 150 --model sdxl --device cuda --dtype fp16 --batch 4 --steps 20 --repeats 2 $peak
+  step flux-schnell-cross 240 --model flux-schnell --device cuda --dtype bf16 --batch 2 --steps 4 --repeats 2 $peak
+  step flux-schnell-concept 150 --model flux-schnell --device cuda --dtype bf16 --batch 2 --steps 4 --repeats 2 \
+    --recipe concept_attention $peak
+else
+  step sd15 120 --model tiny --device cpu --batch 2 --steps 2 --repeats 1
+  step sd15-compile 120 --model tiny --device cpu --batch 2 --steps 2 --repeats 1 --compile --compile-backend eager
+  step sdxl 120 --model tiny-sdxl --device cpu --batch 2 --steps 2 --repeats 1
+  step flux-schnell-cross 120 --model tiny-flux --device cpu --batch 2 --steps 2 --repeats 1
+  step flux-schnell-concept 120 --model tiny-flux --device cpu --batch 2 --steps 2 --repeats 1 --recipe concept_attention
+fi
+echo "}" >>"$out/steps.json"
+echo "done in $(($(date +%s) - start)) s: $out" | tee -a "$log"
