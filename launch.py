@@ -32,6 +32,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return ConfigError, RunDirError, ModelLoadError, PromptError, RunCannotStart
 
 
+def _taken_over() -> type[Exception]:
+    from pipeline.lock import Fenced
+
+    return Fenced
+
+
 def command_run(args: argparse.Namespace) -> int:
     from pipeline.run import run
     from schemas.config import load_config
@@ -257,14 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     # Before diffusers/transformers load (and inherited by Ray workers): their import-time
     # notices (e.g. torchvision-less image processors maskmint never uses) are noise here.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from pipeline.lock import Fenced
-
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except _user_errors() as error:
         return user_error(str(error))
-    except Fenced as error:
+    except _taken_over() as error:
         print(f"error: {error}", file=sys.stderr)
         return RUN_INCOMPLETE
     except OSError as error:

@@ -14,8 +14,9 @@ import torch
 
 from schemas.config import RunConfig
 from stages.families import FAMILIES
-from stages.generate import native_size
-from stages.models import ModelLoadError, check_supported, config_source, load_text_layout, read_model_json
+from stages.models import (
+    ModelLoadError, check_supported, config_source, image_size, load_text_layout, read_model_json, vae_scale,
+)
 
 
 def _count(run) -> int:
@@ -99,9 +100,8 @@ def flops_per_triple(config: RunConfig) -> dict[str, float]:
         inpaint_source = None  # a single-file inpainting UNet: counted with the base UNet's shape
     denoiser, inpaint, vae, texts = _meta_networks(source, inpaint_source, family.name)
     layout = load_text_layout(config.model)
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    native = native_size(denoiser.config, vae.config, scale)
-    height, width = config.generation.height or native, config.generation.width or native
+    scale = vae_scale(vae.config)
+    height, width = image_size(config.generation, denoiser.config, vae.config)
     latent = (height // scale, width // scale)
     meta = dict(device="meta")
     text_tokens = sum(segment.length for segment in layout.segments)

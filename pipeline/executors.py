@@ -30,9 +30,14 @@ class Progress(Protocol):
     def note(self, text: str) -> None: ...
 
 
+def worker_error(error: BaseException) -> BaseException:
+    """The worker's own exception inside Ray's task error (itself for any other error)."""
+    return getattr(error, "cause", None) or error
+
+
 def first_line(error: BaseException) -> str:
     """`Type: last line of the message`, unwrapping Ray's task error to the worker's own."""
-    error = getattr(error, "cause", None) or error
+    error = worker_error(error)
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[-1] if text else ''}"
 
@@ -45,8 +50,8 @@ class RunCannotStart(RuntimeError):
 def stage_error(error: BaseException) -> BaseException | None:
     """The worker's own exception when an attempt raised in maskmint's stages; None for a lost
     worker, an I/O failure or a takeover, which say nothing about the config."""
-    cause = getattr(error, "cause", error) if type(error).__module__.startswith("ray") else error
-    if cause is None or type(cause).__module__.startswith("ray"):
+    cause = worker_error(error)
+    if type(cause).__module__.startswith("ray"):
         return None
     return None if isinstance(cause, (OSError, MemoryError, Fenced)) else cause
 
@@ -329,7 +334,7 @@ class Dispatch:
     def on_failure(self, actor, shard: int, ref, error: BaseException) -> None:
         self.progress.samples(-self.counted[shard])
         self.counted[shard] = 0
-        cause = getattr(error, "cause", None) or error
+        cause = worker_error(error)
         if isinstance(cause, Fenced):
             if self.fenced is None:
                 self.fenced = cause

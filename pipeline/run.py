@@ -60,13 +60,10 @@ def run(config: RunConfig, out: Path | str, show_progress: bool = True) -> RunSu
         raise RunDirError(str(error)) from None
     try:
         return _run_locked(config, rundir, digest, holder.token, show_progress)
-    except RunCannotStart:
-        lock.release()
-        if made_root:
-            rundir.remove_if_empty()
-        raise
     finally:
         lock.release()
+        if made_root and not rundir.exists():
+            rundir.remove_if_empty()  # a run rolled back (or never prepared) leaves no folder behind
 
 
 def _run_locked(config: RunConfig, rundir: RunDir, digest: str, token: str, show_progress: bool) -> RunSummary:
@@ -88,15 +85,12 @@ def _run_locked(config: RunConfig, rundir: RunDir, digest: str, token: str, show
                 progress.close()
     except Fenced:
         raise  # the directory is the new holder's now: no sweep, no summary, no card from us
-    except RunCannotStart:
-        rundir.remove_temp_files()
-        if fresh and not rundir.scan().complete:
+    except BaseException as error:
+        if isinstance(error, RunCannotStart) and fresh and not rundir.scan().complete:
+            rundir.remove_temp_files()
             rundir.forget()  # as if never started: the corrected config is not "a different config"
-            raise
-        _finish(rundir, failed, pending, scan)
-        raise
-    except BaseException:
-        _finish(rundir, failed, pending, scan)
+        else:
+            _finish(rundir, failed, pending, scan)
         raise
     return _finish(rundir, failed, pending, scan)
 

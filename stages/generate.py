@@ -11,25 +11,17 @@ from schemas.records import ConceptSpan
 from stages.capture import install_capture
 from stages.concept_attention import ConceptStream
 from stages.families import family_of_pipeline
-from stages.models import check_blocks
+from stages.models import check_blocks, image_size
 from stages.tokens import TextLayout
 
 # Inductor generates kernels; tests swap in "eager" to check tracing without the codegen wait.
 COMPILE_BACKEND = "inductor"
 
 
-def native_size(denoiser_config, vae_config, vae_scale: int) -> int:
-    """The model's own image size: the denoiser's latent size where it declares one (UNets,
-    SD3), else the VAE's image size (Flux)."""
-    latent = getattr(denoiser_config, "sample_size", None)
-    return latent * vae_scale if latent else vae_config.sample_size
-
-
-def image_size(pipe, config: GenerationConfig) -> tuple[int, int]:
+def pipeline_image_size(pipe, config: GenerationConfig) -> tuple[int, int]:
     components = pipe.components
     denoiser = components["unet"] if components.get("unet") is not None else components["transformer"]
-    native = native_size(denoiser.config, pipe.vae.config, pipe.vae_scale_factor)
-    return config.height or native, config.width or native
+    return image_size(config, denoiser.config, pipe.vae.config)
 
 
 def token_slots(concepts: list[list[ConceptSpan]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +79,7 @@ class Generate:
             # After the processors are in, so capture is traced into the graph. Removal by latent
             # blending shares this denoiser and gets graphs of its own for the uncaptured path.
             setattr(pipe, family.denoiser, torch.compile(denoiser, backend=COMPILE_BACKEND))
-        self.height, self.width = image_size(pipe, generation)
+        self.height, self.width = pipeline_image_size(pipe, generation)
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from schemas.config import CaptureConfig, ModelConfig, RunConfig
+from schemas.config import CaptureConfig, GenerationConfig, ModelConfig, RunConfig
 from stages.families import Family, UnsupportedModel, family_of_pipeline, resolve_family
 from stages.tokens import TextLayout
 
@@ -118,6 +118,20 @@ def check_supported(model: ModelConfig, capture: CaptureConfig) -> Family:
     return family
 
 
+def vae_scale(vae_config) -> int:
+    """Image pixels per latent pixel (diffusers' `vae_scale_factor`), from the VAE's config."""
+    return 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
+
+
+def image_size(generation: GenerationConfig, denoiser_config, vae_config) -> tuple[int, int]:
+    """(height, width): the configured size, else the model's own, which is the denoiser's
+    latent size where it declares one (UNets, SD3), else the VAE's image size (Flux). Takes
+    config mappings: a loaded model's or its config files'."""
+    latent = denoiser_config.get("sample_size")
+    native = latent * vae_scale(vae_config) if latent else vae_config.get("sample_size")
+    return generation.height or native, generation.width or native
+
+
 def check_before_loading(config: RunConfig) -> Family:
     """Every choice the model's own config files can refute, refused before a run writes
     anything: what its family cannot honour, image sizes its VAE and denoiser cannot tile,
@@ -129,15 +143,12 @@ def check_before_loading(config: RunConfig) -> Family:
         denoiser = read_model_json(source, f"{family.denoiser}/config.json")
     except Exception as error:  # noqa: BLE001 - the loader says the same later; say it now
         raise ModelLoadError(f"model.path: cannot read the model's configs: {error}".splitlines()[0]) from None
-    vae_scale = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
-    levels = denoiser_levels(family, denoiser)
-    native = (denoiser.get("sample_size") or 0) * vae_scale or vae.get("sample_size")
-    tile = vae_scale * levels
-    for side in ("height", "width"):
-        size = getattr(config.generation, side) or native
+    factor, levels = vae_scale(vae), denoiser_levels(family, denoiser)
+    tile = factor * levels
+    for side, size in zip(("height", "width"), image_size(config.generation, denoiser, vae)):
         if size and size % tile:
             raise ModelLoadError(
-                f"generation.{side}: {size} is not a multiple of {tile} (the VAE's factor {vae_scale} x the "
+                f"generation.{side}: {size} is not a multiple of {tile} (the VAE's factor {factor} x the "
                 f"{family.denoiser}'s {levels}); e.g. {max(tile, size // tile * tile)}"
             )
     if family.denoiser == "unet":
@@ -166,10 +177,11 @@ def check_unet_capture(capture: CaptureConfig, unet: dict) -> None:
             f"capture.skip_downscales: {sorted(capture.skip_downscales)} leaves out every cross-attention resolution "
             f"of this UNet (it has {sorted(cross)}{'' if capture.include_mid_block else ', mid block off'})"
         )
-    if capture.self_attention and capture.self_attention_downscale not in with_attention | ({mid} if mid else set()):
+    attended = with_attention | ({mid} if mid else set())  # self-attention sits beside every cross-attention
+    if capture.self_attention and capture.self_attention_downscale not in attended:
         raise ModelLoadError(
-            f"capture.self_attention_downscale: this UNet has self-attention at "
-            f"{sorted(with_attention | ({mid} if mid else set()))} times smaller than the latent, "
+            f"capture.self_attention_downscale: this UNet has self-attention at {sorted(attended)} times smaller "
+            "than the latent, "
             f"not {capture.self_attention_downscale}"
         )
 
