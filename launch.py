@@ -23,24 +23,24 @@ EXECUTION_FLAGS = ("executor", "address", "workers")  # `run` flags that overrid
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from pipeline.executors import RunCannotStart
-    from pipeline.rundir import RunDirError
-    from schemas.config import ConfigError
-    from stages.models import ModelLoadError
-    from stages.tokens import PromptError
+    from maskmint.pipeline.executors import RunCannotStart
+    from maskmint.pipeline.rundir import RunDirError
+    from maskmint.schemas.config import ConfigError
+    from maskmint.stages.models import ModelLoadError
+    from maskmint.stages.tokens import PromptError
 
     return ConfigError, RunDirError, ModelLoadError, PromptError, RunCannotStart
 
 
 def _taken_over() -> type[Exception]:
-    from pipeline.lock import Fenced
+    from maskmint.pipeline.lock import Fenced
 
     return Fenced
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from pipeline.run import run
-    from schemas.config import load_config
+    from maskmint.pipeline.run import run
+    from maskmint.schemas.config import load_config
 
     config = load_config(args.config)
     overrides = {k: getattr(args, k) for k in EXECUTION_FLAGS if getattr(args, k) is not None}
@@ -61,7 +61,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 def retry_command(args: argparse.Namespace) -> str:
     """The same command, with the execution flags it was given."""
-    words = ["python", "launch.py", "run", "--config", str(args.config), "--out", str(args.out)]
+    words = ["maskmint", "run", "--config", str(args.config), "--out", str(args.out)]
     for flag in EXECUTION_FLAGS:
         if getattr(args, flag) is not None:
             words += [f"--{flag}", str(getattr(args, flag))]
@@ -69,10 +69,10 @@ def retry_command(args: argparse.Namespace) -> str:
 
 
 def command_plan(args: argparse.Namespace) -> int:
-    from pipeline.cost import estimate
-    from pipeline.plan import Plan, plan_report
-    from schemas.config import load_config
-    from stages.models import check_before_loading, load_text_layout
+    from maskmint.pipeline.cost import estimate
+    from maskmint.pipeline.plan import Plan, plan_report
+    from maskmint.schemas.config import load_config
+    from maskmint.stages.models import check_before_loading, load_text_layout
 
     config = load_config(args.config)
     check_before_loading(config)
@@ -103,8 +103,8 @@ def command_plan(args: argparse.Namespace) -> int:
 
 
 def command_inspect(args: argparse.Namespace) -> int:
-    from pipeline.lock import RunLock
-    from pipeline.rundir import RunDir
+    from maskmint.pipeline.lock import RunLock
+    from maskmint.pipeline.rundir import RunDir
 
     rundir = RunDir(args.dir)
     manifest = rundir.manifest()
@@ -143,8 +143,8 @@ def command_inspect(args: argparse.Namespace) -> int:
 
 
 def command_preview(args: argparse.Namespace) -> int:
-    from pipeline.preview import rank, score_names, write_preview
-    from pipeline.rundir import RunDir, RunDirError
+    from maskmint.pipeline.preview import rank, score_names, write_preview
+    from maskmint.pipeline.rundir import RunDir, RunDirError
 
     columns = "(image | heat map | weak mask | background | mask overlay)"
     if args.by is None:
@@ -169,7 +169,7 @@ def command_preview(args: argparse.Namespace) -> int:
 
 
 def command_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export
+    from maskmint.pipeline.export import export
 
     count = export(args.dir, args.out, args.format)
     print(f"{args.out}: {count} samples exported as {args.format}")

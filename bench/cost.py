@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from bench import write_json
-from pipeline.cost import estimate
-from pipeline.run import run
-from schemas.config import load_config
+from maskmint.pipeline.cost import estimate
+from maskmint.pipeline.run import run
+from maskmint.schemas.config import load_config
 
 DEFAULT_UTILISATION = 0.35  # launch.py plan's default
 

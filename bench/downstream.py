@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from bench import write_json
 from bench.toyworld import SHAPES, render_scene
-from pipeline.dataset import read_samples, segmentation_dataset
+from maskmint.pipeline.dataset import read_samples, segmentation_dataset
 
 NUM_CLASSES = 1 + len(SHAPES)
 
@@ -111,8 +111,8 @@ def object_counts(run: Path) -> list[int]:
 
 
 def make_run(config: Path, run: Path, samples: int) -> None:
-    import launch
-    from schemas.config import load_config
+    from maskmint import launch
+    from maskmint.schemas.config import load_config
 
     data = load_config(config).model_dump(mode="json")
     data["output"]["samples"] = samples

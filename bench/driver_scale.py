@@ -59,7 +59,7 @@ class CountingProgress:
 def measure_dispatch(shard_counts: list[int], actor_count: int) -> list[dict]:
     import ray
 
-    from pipeline.executors import Limits, dispatch
+    from maskmint.pipeline.executors import Limits, dispatch
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
@@ -91,7 +91,7 @@ def measure_dispatch(shard_counts: list[int], actor_count: int) -> list[dict]:
 
 
 def metadata(key: str) -> bytes:
-    from schemas.records import ConceptSpan, SampleMetadata
+    from maskmint.schemas.records import ConceptSpan, SampleMetadata
 
     dog = ConceptSpan(name="dog", class_id=1, word="dog", char_span=(2, 5), token_positions=[2])
     return SampleMetadata(
@@ -102,13 +102,13 @@ def metadata(key: str) -> bytes:
 
 def measure_resume(shard_count: int, scratch: Path) -> dict:
     """A run over `shard_count` whole shards that finds nothing to do, timed as a user sees it."""
-    from pipeline.run import run
-    from pipeline.rundir import RunDir
-    from pipeline.tiny_model import build_tiny_pipeline
-    from schemas.config import parse_config
-    from schemas.records import ShardStats
-    from stages.models import model_fingerprint
-    from stages.write import encode_image, write_shard
+    from maskmint.pipeline.run import run
+    from maskmint.pipeline.rundir import RunDir
+    from maskmint.pipeline.tiny_model import build_tiny_pipeline
+    from maskmint.schemas.config import parse_config
+    from maskmint.schemas.records import ShardStats
+    from maskmint.stages.models import model_fingerprint
+    from maskmint.stages.write import encode_image, write_shard
 
     model = scratch / "tiny-sd"
     build_tiny_pipeline(seed=0, image_size=32).save_pretrained(model)

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from bench import write_json
-from pipeline.run import run
-from schemas.config import load_config
+from maskmint.pipeline.run import run
+from maskmint.schemas.config import load_config
 
 
 def timed_run(config, executor: str, workers: int | None) -> tuple[float, int]:

@@ -58,9 +58,9 @@ from bench.toyworld import (
     object_pixels,
     touches_other_object,
 )
-from pipeline.worker import ShardWorker, as_columns
-from schemas.config import RunConfig, load_config
-from schemas.records import IGNORE_INDEX
+from maskmint.pipeline.worker import ShardWorker, as_columns
+from maskmint.schemas.config import RunConfig, load_config
+from maskmint.schemas.records import IGNORE_INDEX
 
 MIN_BLOB = 0.01
 
@@ -191,8 +191,8 @@ def evaluate(config: RunConfig, samples: int, progress: bool = True,
              variants: list[RunConfig] = ()) -> tuple[dict, list[dict], dict, list[dict]]:
     """Scores of `config`, and of each of `variants` (the same run with other refine/filter
     settings) on the very same images, backgrounds and weak masks: the model runs once."""
-    from stages.filter import Filter
-    from stages.refine import Refine
+    from maskmint.stages.filter import Filter
+    from maskmint.stages.refine import Refine
 
     seconds: dict[str, float] = defaultdict(float)
     finishes = [(Refine(v.refine), Filter(v.filter)) for v in variants]

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from bench import write_json
-from pipeline.tiny_model import (
+from maskmint.pipeline.tiny_model import (
     build_t5_tokenizer,
     build_tiny_flux_pipeline,
     build_tiny_pipeline,
@@ -52,11 +52,11 @@ from pipeline.tiny_model import (
     build_tokenizer,
     sd_ddim_scheduler,
 )
-from pipeline.worker import ShardWorker, as_columns
-from schemas.config import RunConfig
+from maskmint.pipeline.worker import ShardWorker, as_columns
+from maskmint.schemas.config import RunConfig
 import stages.generate as generate_stage
-from stages.families import family_of_pipeline
-from stages.models import load_inpainting, load_text_to_image, quiet_libraries
+from maskmint.stages.families import family_of_pipeline
+from maskmint.stages.models import load_inpainting, load_text_to_image, quiet_libraries
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["a", "on", "background", "circle", "square", "triangle", "red", "blue", "gray", "flat", "striped"]
@@ -214,7 +214,7 @@ FAMILY = {
 
 def build_pipe(name: str, device: torch.device, dtype: torch.dtype):
     if name == "toy":
-        from schemas.config import ModelConfig
+        from maskmint.schemas.config import ModelConfig
 
         return load_text_to_image(ModelConfig(path=str(REPO / "assets" / "tiny-sd")), device, dtype)
     builders = {

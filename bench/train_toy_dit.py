@@ -38,7 +38,7 @@ from bench.train_toy_model import (
     train_denoiser,
     write_provenance,
 )
-from pipeline.tiny_model import _t5_encoder, build_t5_tokenizer, build_tokenizer
+from maskmint.pipeline.tiny_model import _t5_encoder, build_t5_tokenizer, build_tokenizer
 
 
 def build_models(tokenizer, tokenizer_2, width: int, heads: int, double_blocks: int, single_blocks: int, seed: int):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from bench.toyworld import SIZE, caption_for, render_scene
 from bench.train_toy_model import caption_ids, load_models, log, noise_schedule
-from stages.masks import cover_cells, dilate
+from maskmint.stages.masks import cover_cells, dilate
 
 
 def removal_or_box_batch(rng: np.random.Generator, size: int, removal_share: float, cell: int):

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.toyworld import SIZE, WORDS, render_scene
-from pipeline.tiny_model import SD_BETAS, _text_config, build_tokenizer, sd_ddim_scheduler
+from maskmint.pipeline.tiny_model import SD_BETAS, _text_config, build_tokenizer, sd_ddim_scheduler
 
 MAX_TOKENS = 24  # the longest caption (three objects) is 18 tokens with BOS/EOS
 DECODER_EMPTY_SHARE = 0.4  # the decoder stage leans on the object-free scenes it was failing
@@ -352,7 +352,7 @@ def parse_with_run_arguments(parser: argparse.ArgumentParser, argv: list[str] | 
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from stages.models import quiet_libraries
+    from maskmint.stages.models import quiet_libraries
 
     quiet_libraries()
     return args

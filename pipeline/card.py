@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.preview import write_preview
-from pipeline.rundir import RunDir
-from schemas.records import RunSummary, ShardStats
-from stages.write import atomic_write_bytes
+from maskmint.pipeline.preview import write_preview
+from maskmint.pipeline.rundir import RunDir
+from maskmint.schemas.records import RunSummary, ShardStats
+from maskmint.stages.write import atomic_write_bytes
 
 PREVIEW_NAME = "preview.png"
 
@@ -61,7 +61,7 @@ def score_table(stats: list[ShardStats], classes: dict) -> list[str]:
           for n in names],
         "",
         "Per-sample scores are in each sample's `json` under `quality`, and in the shard's stats json;"
-        " `launch.py preview DIR --by SCORE --worst N` shows the lowest.",
+        " `maskmint preview DIR --by SCORE --worst N` shows the lowest.",
     ]
 
 

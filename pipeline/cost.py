@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from schemas.config import RunConfig
-from stages.families import FAMILIES
-from stages.models import (
+from maskmint.schemas.config import RunConfig
+from maskmint.stages.families import FAMILIES
+from maskmint.stages.models import (
     ModelLoadError, check_supported, config_source, image_size, load_text_layout, read_model_json, vae_scale,
 )
 

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 import webdataset as wds
 
-from pipeline.rundir import RunDir
-from schemas.records import (
+from maskmint.pipeline.rundir import RunDir
+from maskmint.schemas.records import (
     HEATMAP_FIELD,
     IGNORE_INDEX,
     IMAGE_FIELDS,

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.lock import Fenced
-from pipeline.worker import FAULT_ENV, ShardWorker
-from schemas.config import ExecutionConfig, RunConfig
-from stages.models import ModelLoadError
+from maskmint.pipeline.lock import Fenced
+from maskmint.pipeline.worker import FAULT_ENV, ShardWorker
+from maskmint.schemas.config import ExecutionConfig, RunConfig
+from maskmint.stages.models import ModelLoadError
 
 
 class Progress(Protocol):

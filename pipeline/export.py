@@ -23,9 +23,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.dataset import read_encoded
-from pipeline.rundir import RunDir, RunDirError
-from schemas.records import BACKGROUND_ID, IGNORE_INDEX, MASK_FIELD, METADATA_FIELD
+from maskmint.pipeline.dataset import read_encoded
+from maskmint.pipeline.rundir import RunDir, RunDirError
+from maskmint.schemas.records import BACKGROUND_ID, IGNORE_INDEX, MASK_FIELD, METADATA_FIELD
 
 FORMATS = ("folders", "coco", "hf")
 

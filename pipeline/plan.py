@@ -6,10 +6,10 @@ import hashlib
 
 import numpy as np
 
-from schemas.config import RunConfig
-from schemas.records import PlannedSample
-from stages.prompts import PromptBuilder
-from stages.tokens import TextLayout
+from maskmint.schemas.config import RunConfig
+from maskmint.schemas.records import PlannedSample
+from maskmint.stages.prompts import PromptBuilder
+from maskmint.stages.tokens import TextLayout
 
 # Enough samples to meet every template/concept pairing of a normal config up front.
 PREFLIGHT_SAMPLES = 256

@@ -13,11 +13,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.dataset import Sample, read_samples
-from pipeline.rundir import RunDir, RunDirError
-from schemas.config import MaskConfig
-from schemas.records import IGNORE_INDEX, ShardStats
-from stages.weak_mask import weak_mask
+from maskmint.pipeline.dataset import Sample, read_samples
+from maskmint.pipeline.rundir import RunDir, RunDirError
+from maskmint.schemas.config import MaskConfig
+from maskmint.schemas.records import IGNORE_INDEX, ShardStats
+from maskmint.stages.weak_mask import weak_mask
 
 COLUMNS = ("image", "heat map", "weak mask", "background", "mask overlay")
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.card import write_card
-from pipeline.executors import EXECUTORS, RunCannotStart
-from pipeline.lock import Fenced, LockHeld, RunLock
-from pipeline.plan import Plan, shard_range
-from pipeline.rundir import RunDir, RunDirError, ShardScan
-from schemas.config import RunConfig
-from schemas.records import RunSummary, ShardStats
-from stages.models import check_before_loading, load_text_layout, model_fingerprint
+from maskmint.pipeline.card import write_card
+from maskmint.pipeline.executors import EXECUTORS, RunCannotStart
+from maskmint.pipeline.lock import Fenced, LockHeld, RunLock
+from maskmint.pipeline.plan import Plan, shard_range
+from maskmint.pipeline.rundir import RunDir, RunDirError, ShardScan
+from maskmint.schemas.config import RunConfig
+from maskmint.schemas.records import RunSummary, ShardStats
+from maskmint.stages.models import check_before_loading, load_text_layout, model_fingerprint
 
 
 class Progress:

@@ -10,10 +10,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import __version__
-from pipeline.lock import HISTORY_NAME
-from schemas.config import RunConfig
-from schemas.records import (
+from maskmint import __version__
+from maskmint.pipeline.lock import HISTORY_NAME
+from maskmint.schemas.config import RunConfig
+from maskmint.schemas.records import (
     HEATMAP_FIELD,
     IMAGE_FIELDS,
     MASK_FIELD,
@@ -23,7 +23,7 @@ from schemas.records import (
     ShardStats,
     background_field,
 )
-from stages.write import TEMP_NAME, atomic_write_bytes, file_sha256
+from maskmint.stages.write import TEMP_NAME, atomic_write_bytes, file_sha256
 
 SHARD_FILE = re.compile(r"^(\d{6})\.(tar|json)$")
 

@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=32, help="native image size (default 32)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from stages.models import quiet_libraries
+    from maskmint.stages.models import quiet_libraries
 
     quiet_libraries()
     BUILDERS[args.family](seed=args.seed, image_size=args.size).save_pretrained(args.out)

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.lock import Fence
-from pipeline.plan import Plan
-from pipeline.rundir import RunDir
-from schemas.config import RunConfig
-from schemas.records import PlannedSample, SampleMetadata, ShardStats
-from stages.filter import Filter
-from stages.generate import Generate
-from stages.models import load_inpainting, load_text_to_image, pick_device, pick_dtype
-from stages.refine import Refine
-from stages.remove import Remove
-from stages.weak_mask import WeakMask
-from stages.write import encode_sample, write_shard
+from maskmint.pipeline.lock import Fence
+from maskmint.pipeline.plan import Plan
+from maskmint.pipeline.rundir import RunDir
+from maskmint.schemas.config import RunConfig
+from maskmint.schemas.records import PlannedSample, SampleMetadata, ShardStats
+from maskmint.stages.filter import Filter
+from maskmint.stages.generate import Generate
+from maskmint.stages.models import load_inpainting, load_text_to_image, pick_device, pick_dtype
+from maskmint.stages.refine import Refine
+from maskmint.stages.remove import Remove
+from maskmint.stages.weak_mask import WeakMask
+from maskmint.stages.write import encode_sample, write_shard
 
 # Debugging aid for failure handling: "SHARD[:raise|exit|hold][:once]" makes that shard raise, its
 # worker process exit hard, or wait (marker `.fault-held-SHARD` in the run directory, until

@@ -235,7 +235,7 @@ class PromptsConfig(Section):
         if self.concepts_file is not None and self.preset is not None:
             raise ValueError("concepts_file and preset: give one of them")
         if self.preset is not None:
-            from schemas.presets import PRESETS
+            from maskmint.schemas.presets import PRESETS
 
             loaded = [ConceptConfig(name=name, class_id=i) for i, name in PRESETS[self.preset].items()]
         elif self.concepts_file is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.config import SCHEMA_VERSION
+from maskmint.schemas.config import SCHEMA_VERSION
 
 # WebDataset field names (the part of the member name after the key's first dot).
 IMAGE_FIELDS = {"jpg": "jpg", "png": "png"}

@@ -26,7 +26,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0, Jo
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
-from schemas.config import CaptureConfig
+from maskmint.schemas.config import CaptureConfig
 
 
 QUERY_CHUNK_ELEMENTS = 1 << 26  # fp32 scores held at once by `add` (256 MiB)

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from schemas.config import CaptureConfig
-from schemas.records import ConceptSpan
+from maskmint.schemas.config import CaptureConfig
+from maskmint.schemas.records import ConceptSpan
 
 
 class ConceptStream:

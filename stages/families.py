@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from schemas.config import ModelConfig
-from stages.tokens import TextLayout, TextSegment
+from maskmint.schemas.config import ModelConfig
+from maskmint.stages.tokens import TextLayout, TextSegment
 
 
 class UnsupportedModel(ValueError):

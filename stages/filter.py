@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from schemas.config import FilterConfig
+from maskmint.schemas.config import FilterConfig
 
 
 def drop_reason(image: np.ndarray, finite: bool, quality: dict[str, float], config: FilterConfig) -> str | None:

@@ -6,13 +6,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from schemas.config import CaptureConfig, GenerationConfig
-from schemas.records import ConceptSpan
-from stages.capture import install_capture
-from stages.concept_attention import ConceptStream
-from stages.families import family_of_pipeline
-from stages.models import check_blocks, image_size
-from stages.tokens import TextLayout
+from maskmint.schemas.config import CaptureConfig, GenerationConfig
+from maskmint.schemas.records import ConceptSpan
+from maskmint.stages.capture import install_capture
+from maskmint.stages.concept_attention import ConceptStream
+from maskmint.stages.families import family_of_pipeline
+from maskmint.stages.models import check_blocks, image_size
+from maskmint.stages.tokens import TextLayout
 
 # Inductor generates kernels; tests swap in "eager" to check tracing without the codegen wait.
 COMPILE_BACKEND = "inductor"

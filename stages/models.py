@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from schemas.config import CaptureConfig, GenerationConfig, ModelConfig, RunConfig
-from stages.families import Family, UnsupportedModel, family_of_pipeline, resolve_family
-from stages.tokens import TextLayout
+from maskmint.schemas.config import CaptureConfig, GenerationConfig, ModelConfig, RunConfig
+from maskmint.stages.families import Family, UnsupportedModel, family_of_pipeline, resolve_family
+from maskmint.stages.tokens import TextLayout
 
 
 class ModelLoadError(RuntimeError):

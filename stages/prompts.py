@@ -7,7 +7,7 @@ import numpy as np
 
 from pydantic import ValidationError
 
-from schemas.config import (
+from maskmint.schemas.config import (
     CONCEPT_SLOTS,
     ConceptConfig,
     PromptLine,
@@ -17,8 +17,8 @@ from schemas.config import (
     filler_of,
     find_word,
 )
-from schemas.records import ConceptSpan
-from stages.tokens import PromptError, TextLayout
+from maskmint.schemas.records import ConceptSpan
+from maskmint.stages.tokens import PromptError, TextLayout
 
 def _drop_concept(text: str, word: str) -> str:
     # "a photo of a dog in a park" -> "a photo of in a park": the article goes with the word.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from schemas.config import RefineConfig
-from schemas.records import BACKGROUND_ID, IGNORE_INDEX
-from stages.masks import clean, count_components, dilate, erode, lab_distance
+from maskmint.schemas.config import RefineConfig
+from maskmint.schemas.records import BACKGROUND_ID, IGNORE_INDEX
+from maskmint.stages.masks import clean, count_components, dilate, erode, lab_distance
 
 
 def refine_mask(

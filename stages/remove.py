@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import torch
 
-from schemas.config import RemovalConfig
-from schemas.records import BACKGROUND_ID
-from stages.masks import cover_cells, dilate
+from maskmint.schemas.config import RemovalConfig
+from maskmint.schemas.records import BACKGROUND_ID
+from maskmint.stages.masks import cover_cells, dilate
 
 # Inpainting noise must differ from generation noise drawn from the same seed.
 REMOVAL_SEED_OFFSET = 1

@@ -6,9 +6,9 @@ import numpy as np
 from skimage.filters import threshold_otsu
 from sklearn.mixture import GaussianMixture
 
-from schemas.config import MaskConfig
-from schemas.records import BACKGROUND_ID, IGNORE_INDEX
-from stages.masks import clean
+from maskmint.schemas.config import MaskConfig
+from maskmint.schemas.records import BACKGROUND_ID, IGNORE_INDEX
+from maskmint.stages.masks import clean
 
 
 def normalise(heat: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import webdataset as wds
 
-from schemas.records import HEATMAP_FIELD, MASK_FIELD, METADATA_FIELD, SampleMetadata, ShardStats, background_field
+from maskmint.schemas.records import HEATMAP_FIELD, MASK_FIELD, METADATA_FIELD, SampleMetadata, ShardStats, background_field
 
 TEMP_PREFIX = "."  # temp files are hidden, so `*.tar` globs never see a half-written shard
 # What `temp_path` makes, and nothing else: `.NAME.tmp-HOST-PID-RANDOM`.

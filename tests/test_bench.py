@@ -19,7 +19,7 @@ from bench.toyworld import (
     render_scene,
     touches_other_object,
 )
-from schemas.config import RunConfig, load_config
+from maskmint.schemas.config import RunConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,7 @@ def test_init_keeps_the_image_networks_and_gives_every_toy_word_one_token(tmp_pa
     from bench.toyworld import WORDS
     from transformers import CLIPTextModel
 
-    from pipeline.tiny_model import _text_config, build_tokenizer
+    from maskmint.pipeline.tiny_model import _text_config, build_tokenizer
 
     # an older toy folder whose 16-position vocabulary spells three words in pieces
     old = tmp_path / "old"

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import launch
-from pipeline.rundir import RunDir
-from schemas.config import ConfigError, load_config, parse_config
+from maskmint import launch
+from maskmint.pipeline.rundir import RunDir
+from maskmint.schemas.config import ConfigError, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,8 +56,8 @@ def test_jsonl_prompts_plan_spans_and_classes(jsonl_config, write_config, capsys
     assert examples[1]["background_prompt"] == "in a kitchen"  # both concepts and the join between them go
     assert examples[2]["background_prompt"] == "an empty park"
 
-    from pipeline.plan import Plan
-    from stages.models import load_text_layout
+    from maskmint.pipeline.plan import Plan
+    from maskmint.stages.models import load_text_layout
 
     config = load_config(write_config(jsonl_config))
     layout = load_text_layout(config.model)
@@ -178,7 +178,7 @@ def test_plan_counts_and_cost_against_a_counted_run(config_dict, write_config, c
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.worker import ShardWorker, as_columns
+    from maskmint.pipeline.worker import ShardWorker, as_columns
 
     for removal in ({"steps": 3, "guidance_scale": 5.0}, {"steps": 4, "strength": 0.75, "guidance_scale": 1.0, "prefill": True}):
         data = copy.deepcopy(config_dict)

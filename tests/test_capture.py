@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from pipeline.tiny_model import build_tiny_pipeline
-from schemas.config import CaptureConfig, GenerationConfig, load_config
-from schemas.records import ConceptSpan
-from stages.generate import Generate, to_uint8, token_slots
+from maskmint.pipeline.tiny_model import build_tiny_pipeline
+from maskmint.schemas.config import CaptureConfig, GenerationConfig, load_config
+from maskmint.schemas.records import ConceptSpan
+from maskmint.stages.generate import Generate, to_uint8, token_slots
 from tests.conftest import TEST_IMAGE_SIZE
 
 STEPS = 4
@@ -136,10 +136,10 @@ def test_unet_runtime_options_capture_the_same(runtime, config_dict, write_confi
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    import stages.generate
-    from pipeline.worker import ShardWorker, as_columns
+    from maskmint.stages import generate as generate_module
+    from maskmint.pipeline.worker import ShardWorker, as_columns
 
-    monkeypatch.setattr(stages.generate, "COMPILE_BACKEND", "eager")  # inductor's codegen is minutes on CPU
+    monkeypatch.setattr(generate_module, "COMPILE_BACKEND", "eager")  # inductor's codegen is minutes on CPU
     config_dict["generation"]["batch_size"] = 2
     outputs, hashes = {}, set()
     for enabled in (False, True):

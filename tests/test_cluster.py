@@ -9,8 +9,8 @@ import time
 import pytest
 
 from bench.chaos import audit
-from pipeline.run import run
-from schemas.config import load_config
+from maskmint.pipeline.run import run
+from maskmint.schemas.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

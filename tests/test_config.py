@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-import launch
-from schemas.config import ConfigError, load_config, parse_config
+from maskmint import launch
+from maskmint.schemas.config import ConfigError, load_config, parse_config
 
 
 def _run_cli(capsys, config_path, out):

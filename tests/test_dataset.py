@@ -12,15 +12,15 @@ import torch
 import yaml
 from conftest import BASE_CONFIG
 
-import launch
-from pipeline.dataset import (
+from maskmint import launch
+from maskmint.pipeline.dataset import (
     Sample,
     joint_resize_crop,
     read_samples,
     segmentation_dataset,
 )
-from pipeline.export import rle_decode, rle_encode
-from pipeline.rundir import RunDir
+from maskmint.pipeline.export import rle_decode, rle_encode
+from maskmint.pipeline.rundir import RunDir
 
 
 @pytest.fixture(scope="module")

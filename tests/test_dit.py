@@ -14,13 +14,13 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-import launch
+from maskmint import launch
 from bench.chaos import audit
-from pipeline.tiny_model import BUILDERS
-from schemas.config import CaptureConfig, GenerationConfig, ModelConfig
-from schemas.records import ConceptSpan
-from stages.families import FLUX, SD3, family_of_pipeline, resolve_family
-from stages.generate import Generate, decode, to_uint8, token_slots
+from maskmint.pipeline.tiny_model import BUILDERS
+from maskmint.schemas.config import CaptureConfig, GenerationConfig, ModelConfig
+from maskmint.schemas.records import ConceptSpan
+from maskmint.stages.families import FLUX, SD3, family_of_pipeline, resolve_family
+from maskmint.stages.generate import Generate, decode, to_uint8, token_slots
 from tests.conftest import TEST_IMAGE_SIZE
 from tests.test_capture import STEPS, reference_heatmaps
 
@@ -160,14 +160,14 @@ def test_generated_images_are_the_family_pipelines_own_decode(dit):
 
 def test_joint_capture_in_bounded_chunks_is_the_same(dit, monkeypatch):
     """A large layer's scores are taken a few query rows at a time; the maps do not change."""
-    import stages.capture
+    from maskmint.stages import capture
 
     name, pipe = dit
     batch, _ = _batch(pipe)
     _, weights = token_slots(batch["concepts"])
     whole = Generate(pipe, GenerationConfig(steps=2), CaptureConfig())
     whole(batch)
-    monkeypatch.setattr(stages.capture, "QUERY_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(capture, "QUERY_CHUNK_ELEMENTS", 1000)
     chunked = Generate(pipe, GenerationConfig(steps=2), CaptureConfig())
     chunked(batch)
     np.testing.assert_allclose(chunked.store.heatmaps(weights).numpy(), whole.store.heatmaps(weights).numpy(), rtol=1e-5)

@@ -12,12 +12,12 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-import launch
-from pipeline.plan import planned_keys
-from pipeline.rundir import RunDir
-from pipeline.worker import FAULT_ENV
-from schemas.config import load_config
-from stages.write import temp_path
+from maskmint import launch
+from maskmint.pipeline.plan import planned_keys
+from maskmint.pipeline.rundir import RunDir
+from maskmint.pipeline.worker import FAULT_ENV
+from maskmint.schemas.config import load_config
+from maskmint.stages.write import temp_path
 from tests.conftest import tar_fields
 
 
@@ -150,7 +150,7 @@ def test_dedicated_inpainting_unet_shares_the_base_components(config_dict, write
     from diffusers import UNet2DConditionModel
 
     from bench.train_toy_inpaint import inpainting_unet
-    from pipeline.worker import ShardWorker
+    from maskmint.pipeline.worker import ShardWorker
 
     inpaint_dir = tmp_path / "inpaint"
     inpainting_unet(UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")).save_pretrained(

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-import launch
+from maskmint import launch
 from bench.chaos import audit
-from pipeline.tiny_model import build_tiny_sdxl_pipeline
-from schemas.config import CaptureConfig, GenerationConfig, ModelConfig
-from stages.families import FLUX, SD, SD3, SDXL, UnsupportedModel, resolve_family
-from stages.generate import Generate, to_uint8, token_slots
+from maskmint.pipeline.tiny_model import build_tiny_sdxl_pipeline
+from maskmint.schemas.config import CaptureConfig, GenerationConfig, ModelConfig
+from maskmint.stages.families import FLUX, SD, SD3, SDXL, UnsupportedModel, resolve_family
+from maskmint.stages.generate import Generate, to_uint8, token_slots
 from tests.conftest import TEST_IMAGE_SIZE
 from tests.test_capture import STEPS, StoringProcessor, _batch, _generate_plain, reference_heatmaps
 
@@ -141,7 +141,7 @@ def test_per_resolution_weighting_equals_slow_reference(sdxl_pipe):
 
 
 def test_tiny_model_command_writes_each_family(tmp_path):
-    from pipeline.tiny_model import main
+    from maskmint.pipeline.tiny_model import main
 
     for family, class_name in (("sd", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline"),
                                ("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline")):
@@ -152,7 +152,7 @@ def test_tiny_model_command_writes_each_family(tmp_path):
 def test_sdxl_fp16_vae_decodes_in_fp32():
     from diffusers import AutoencoderKL
 
-    from stages.generate import decode
+    from maskmint.stages.generate import decode
 
     vae = AutoencoderKL(block_out_channels=(32,), norm_num_groups=32, force_upcast=True).to(torch.float16)
     latents = torch.zeros(1, 4, 8, 8, dtype=torch.float16)
@@ -168,7 +168,7 @@ def test_the_shipped_tiny_family_configs_run(tmp_path, family):
 
     from pathlib import Path
 
-    from pipeline.tiny_model import main
+    from maskmint.pipeline.tiny_model import main
 
     repo = Path(__file__).resolve().parents[1]
     shutil.copytree(repo / "configs", tmp_path / "configs")

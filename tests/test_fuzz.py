@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import launch
+from maskmint import launch
 from tests.conftest import BASE_CONFIG
 
 EXAMPLES = int(os.environ.get("MASKMINT_FUZZ_EXAMPLES", "150"))
@@ -230,7 +230,7 @@ def runnable_configs(draw, families: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def fuzz_families(tiny_model_dir, tmp_path_factory) -> dict:
-    from pipeline.tiny_model import build_tiny_flux_pipeline
+    from maskmint.pipeline.tiny_model import build_tiny_flux_pipeline
 
     flux = tmp_path_factory.mktemp("models") / "tiny-flux"
     build_tiny_flux_pipeline(seed=2, image_size=32).save_pretrained(flux)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-import launch
+from maskmint import launch
 from bench.chaos import audit
-from pipeline.lock import HISTORY_NAME, LOCK_NAME, Holder, RunLock, process_start
-from pipeline.rundir import RunDir
-from pipeline.worker import FAULT_ENV
+from maskmint.pipeline.lock import HISTORY_NAME, LOCK_NAME, Holder, RunLock, process_start
+from maskmint.pipeline.rundir import RunDir
+from maskmint.pipeline.worker import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -212,22 +212,22 @@ def test_user_path_mistakes_exit_2_in_one_line(small, write_config, tmp_path, ca
 
 
 def test_a_full_disk_outside_the_shards_exits_1_with_the_retry_hint(small, write_config, tmp_path, monkeypatch, capsys):
-    import pipeline.rundir
+    from maskmint.pipeline import rundir
 
-    original = pipeline.rundir.atomic_write_bytes
+    original = rundir.atomic_write_bytes
 
     def full(path, data):
         if Path(path).name == "summary.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return original(path, data)
 
-    monkeypatch.setattr(pipeline.rundir, "atomic_write_bytes", full)
+    monkeypatch.setattr(rundir, "atomic_write_bytes", full)
     config_path, out = write_config(small), tmp_path / "run"
     assert run_cli(config_path, out) == 1
     line = one_error_line(capsys)
     assert "No space left on device" in line and "summary.json" in line
-    assert line.endswith(f"re-run to resume: python launch.py run --config {config_path} --out {out}")
-    monkeypatch.setattr(pipeline.rundir, "atomic_write_bytes", original)
+    assert line.endswith(f"re-run to resume: maskmint run --config {config_path} --out {out}")
+    monkeypatch.setattr(rundir, "atomic_write_bytes", original)
     assert run_cli(config_path, out) == 0 and audit(out) == []
 
 

@@ -17,12 +17,12 @@ import time
 import pytest
 import webdataset as wds
 
-import launch
+from maskmint import launch
 from bench.chaos import audit
-from pipeline.lock import LOCK_NAME, Fence, Fenced, Holder, RunLock
-from pipeline.rundir import RunDir
-from schemas.config import load_config, parse_config
-from stages.models import model_fingerprint
+from maskmint.pipeline.lock import LOCK_NAME, Fence, Fenced, Holder, RunLock
+from maskmint.pipeline.rundir import RunDir
+from maskmint.schemas.config import load_config, parse_config
+from maskmint.stages.models import model_fingerprint
 
 
 def run_cli(config_path, out, *extra) -> int:
@@ -71,11 +71,11 @@ def test_concept_past_the_limit_only_with_the_longest_filler_is_found(small, wri
 
 
 def test_relative_out_is_resolved_before_workers_see_it(small, write_config, tmp_path, monkeypatch):
-    import pipeline.run
+    from maskmint.pipeline import run as run_module
 
     seen = []
-    original = pipeline.run.EXECUTORS["local"]
-    monkeypatch.setitem(pipeline.run.EXECUTORS, "local", lambda c, root, *a: seen.append(root) or original(c, root, *a))
+    original = run_module.EXECUTORS["local"]
+    monkeypatch.setitem(run_module.EXECUTORS, "local", lambda c, root, *a: seen.append(root) or original(c, root, *a))
     monkeypatch.chdir(tmp_path)
     assert run_cli(write_config(small), "relative/run") == 0
     assert seen == [tmp_path / "relative" / "run"] and seen[0].is_absolute()
@@ -85,16 +85,16 @@ def test_relative_out_is_resolved_before_workers_see_it(small, write_config, tmp
 def test_a_writer_killed_mid_write_leaves_no_temp_file(small, write_config, tmp_path, monkeypatch):
     """A worker killed between writing its temp file and renaming it, in a run that then
     finishes on other workers: the run's directory holds no temp file at the end."""
-    import pipeline.run
-    from stages.write import temp_path
+    from maskmint.pipeline import run as run_module
+    from maskmint.stages.write import temp_path
 
-    original = pipeline.run.EXECUTORS["local"]
+    original = run_module.EXECUTORS["local"]
 
     def killed_writer_then_the_rest(config, root, *rest):
         temp_path(RunDir(root).tar_path(0)).write_bytes(b"half a tar")
         return original(config, root, *rest)
 
-    monkeypatch.setitem(pipeline.run.EXECUTORS, "local", killed_writer_then_the_rest)
+    monkeypatch.setitem(run_module.EXECUTORS, "local", killed_writer_then_the_rest)
     out = tmp_path / "run"
     assert run_cli(write_config(small), out) == 0
     assert RunDir(out).temp_files() == [] and audit(out) == []
@@ -203,7 +203,7 @@ def test_heartbeat_keeps_a_long_run_fresh(tmp_path):
 
 
 def test_a_fenced_worker_publishes_nothing(small, write_config, tmp_path):
-    from pipeline.worker import ShardWorker
+    from maskmint.pipeline.worker import ShardWorker
 
     out = tmp_path / "run"
     config = load_config(write_config(small))
@@ -304,7 +304,7 @@ def test_export_out_a_file_is_one_line(whole_run, tmp_path, capsys):
 
 
 def test_retry_hint_keeps_the_executor_flags(small, write_config, tmp_path, monkeypatch, capsys):
-    from pipeline.worker import FAULT_ENV
+    from maskmint.pipeline.worker import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "1")
     small["execution"]["executor"] = "ray"
@@ -315,7 +315,7 @@ def test_retry_hint_keeps_the_executor_flags(small, write_config, tmp_path, monk
 
 
 def test_card_of_a_partial_run_names_only_whole_shards(small, write_config, tmp_path, monkeypatch):
-    from pipeline.worker import FAULT_ENV
+    from maskmint.pipeline.worker import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "1")
     out = tmp_path / "run"

@@ -10,13 +10,13 @@ import cv2
 import numpy as np
 import pytest
 
-import launch
-from schemas.config import ConfigError, FilterConfig, MaskConfig, PromptsConfig, RefineConfig, parse_config
-from stages.filter import drop_reason
-from stages.prompts import PromptBuilder
-from stages.tokens import TextLayout
-from stages.refine import refine_mask
-from stages.weak_mask import gmm_threshold, normalise, weak_mask
+from maskmint import launch
+from maskmint.schemas.config import ConfigError, FilterConfig, MaskConfig, PromptsConfig, RefineConfig, parse_config
+from maskmint.stages.filter import drop_reason
+from maskmint.stages.prompts import PromptBuilder
+from maskmint.stages.tokens import TextLayout
+from maskmint.stages.refine import refine_mask
+from maskmint.stages.weak_mask import gmm_threshold, normalise, weak_mask
 
 
 def disk(size=64, center=(32, 32), radius=10):
@@ -47,7 +47,7 @@ MULTI = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from pipeline.tiny_model import build_tokenizer
+    from maskmint.pipeline.tiny_model import build_tokenizer
 
     return build_tokenizer(["dog", "puppy", "cat", "horse", "red", "blue", "park", "kitchen", "photo"])
 

@@ -12,13 +12,13 @@ import pytest
 import webdataset as wds
 import yaml
 
-import launch
+from maskmint import launch
 from bench.chaos import audit
-from pipeline.plan import Plan
-from pipeline.worker import ShardWorker, as_columns
-from schemas.config import RefineConfig, load_config
-from schemas.records import IGNORE_INDEX
-from stages.refine import refine_mask
+from maskmint.pipeline.plan import Plan
+from maskmint.pipeline.worker import ShardWorker, as_columns
+from maskmint.schemas.config import RefineConfig, load_config
+from maskmint.schemas.records import IGNORE_INDEX
+from maskmint.stages.refine import refine_mask
 from tests.conftest import BASE_CONFIG, tar_fields
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import launch
-from pipeline.plan import planned_keys
-from pipeline.rundir import RunDir
-from pipeline.worker import FAULT_ENV
-from schemas.config import load_config
+from maskmint import launch
+from maskmint.pipeline.plan import planned_keys
+from maskmint.pipeline.rundir import RunDir
+from maskmint.pipeline.worker import FAULT_ENV
+from maskmint.schemas.config import load_config
 from tests.conftest import tar_fields
 
 pytestmark = pytest.mark.ray
@@ -77,7 +77,7 @@ def test_two_ray_workers_match_the_local_executor(ray_instance, ray_config, writ
     assert len(workers) == 2, "both actors took shards"
 
     # Ray Data reads the shards as they are
-    from pipeline.dataset import shard_urls
+    from maskmint.pipeline.dataset import shard_urls
 
     rows = ray_instance.data.read_webdataset(shard_urls(tmp_path / "ray")).take_all()
     assert sorted(row["__key__"] for row in rows) == sorted(local)
@@ -248,7 +248,7 @@ def stand_in(ray_instance):
 
 
 def test_a_worker_that_never_gets_ready_is_given_up(stand_in):
-    from pipeline.executors import Limits, dispatch
+    from maskmint.pipeline.executors import Limits, dispatch
 
     progress = Notes()
     start = time.monotonic()
@@ -265,7 +265,7 @@ def test_a_worker_that_never_gets_ready_is_given_up(stand_in):
 
 
 def test_a_hung_shard_is_timed_out_and_retried(stand_in, tmp_path):
-    from pipeline.executors import Limits, dispatch
+    from maskmint.pipeline.executors import Limits, dispatch
 
     progress = Notes()
     actor = stand_in.remote(slow_shard=1, marker=str(tmp_path / "hung-once"))
@@ -275,7 +275,7 @@ def test_a_hung_shard_is_timed_out_and_retried(stand_in, tmp_path):
 
 
 def test_a_worker_not_ready_after_its_restart_is_given_up(stand_in, tmp_path):
-    from pipeline.executors import Limits, dispatch
+    from maskmint.pipeline.executors import Limits, dispatch
 
     progress = Notes()
     flaky = stand_in.remote(die_once=str(tmp_path / "died"))

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-import launch
-from pipeline.plan import planned_keys
-from pipeline.rundir import RunDir
-from schemas.config import load_config
-from stages.models import load_text_layout, load_text_to_image
+from maskmint import launch
+from maskmint.pipeline.plan import planned_keys
+from maskmint.pipeline.rundir import RunDir
+from maskmint.schemas.config import load_config
+from maskmint.stages.models import load_text_layout, load_text_to_image
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -166,9 +166,9 @@ def sdxl_original_format_state(pipe) -> dict[str, torch.Tensor]:
 
 
 def test_single_file_sdxl_in_the_original_layout_loads_the_same_weights(tmp_path):
-    from pipeline.tiny_model import build_tiny_sdxl_pipeline
-    from schemas.config import ModelConfig
-    from stages.families import SDXL, resolve_family
+    from maskmint.pipeline.tiny_model import build_tiny_sdxl_pipeline
+    from maskmint.schemas.config import ModelConfig
+    from maskmint.stages.families import SDXL, resolve_family
 
     folder = tmp_path / "tiny-sdxl"
     build_tiny_sdxl_pipeline(seed=4, image_size=32).save_pretrained(folder)

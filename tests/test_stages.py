@@ -6,15 +6,15 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.tiny_model import build_tokenizer
-from schemas.config import FilterConfig, MaskConfig, PromptsConfig, RefineConfig
-from stages.filter import drop_reason
-from stages.masks import cover_cells, lab_distance
-from stages.prompts import PromptBuilder
-from stages.tokens import PromptError, TextLayout
-from stages.refine import refine_mask
-from stages.remove import prefill
-from stages.weak_mask import normalise, weak_mask
+from maskmint.pipeline.tiny_model import build_tokenizer
+from maskmint.schemas.config import FilterConfig, MaskConfig, PromptsConfig, RefineConfig
+from maskmint.stages.filter import drop_reason
+from maskmint.stages.masks import cover_cells, lab_distance
+from maskmint.stages.prompts import PromptBuilder
+from maskmint.stages.tokens import PromptError, TextLayout
+from maskmint.stages.refine import refine_mask
+from maskmint.stages.remove import prefill
+from maskmint.stages.weak_mask import normalise, weak_mask
 
 
 def disk(size=64, center=(32, 32), radius=12):
