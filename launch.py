@@ -9,6 +9,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import get_args
 
 USER_ERROR = 2
 RUN_INCOMPLETE = 1
@@ -26,7 +27,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from maskmint.pipeline.executors import RunCannotStart
     from maskmint.pipeline.rundir import RunDirError
     from maskmint.schemas.config import ConfigError
-    from maskmint.stages.models import ModelLoadError
+    from maskmint.stages.loading import ModelLoadError
     from maskmint.stages.tokens import PromptError
 
     return ConfigError, RunDirError, ModelLoadError, PromptError, RunCannotStart
@@ -216,13 +217,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from maskmint.schemas.config import ExecutorName, ExportFormat  # the one list of each (pydantic only)
+
     parser = Parser(prog="maskmint", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="generate (or resume) a dataset")
     run.add_argument("--config", required=True, type=Path, help="run config YAML")
     run.add_argument("--out", required=True, type=Path, help="run directory; re-running resumes it")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.add_argument("--executor", choices=["ray", "local"], help="override execution.executor")
+    run.add_argument("--executor", choices=get_args(ExecutorName), help="override execution.executor")
     run.add_argument("--address", help="join this Ray cluster ('auto' finds a local `ray start` head)")
     run.add_argument("--workers", type=whole_number(1), help="override execution.workers")
     run.set_defaults(handler=command_run)
@@ -252,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     exporter = commands.add_parser("export", help="write a run's samples in another format")
     exporter.add_argument("dir", type=Path)
     exporter.add_argument("--out", required=True, type=Path, help="new or empty folder")
-    exporter.add_argument("--format", choices=["folders", "coco", "hf"], default="folders",
+    exporter.add_argument("--format", choices=get_args(ExportFormat), default="folders",
                           help="folders: images/ masks/ backgrounds/ metadata/; coco: COCO instances JSON with RLE masks; "
                                "hf: Hugging Face datasets Arrow shards (load_from_disk)")
     exporter.set_defaults(handler=command_export)

@@ -112,7 +112,7 @@ def late_publications(out: Path, planned_shards: int) -> list[str]:
 
 
 def tiny_setup(scratch: Path, samples: int, max_attempts: int) -> Path:
-    from maskmint.pipeline.tiny_model import build_tiny_pipeline
+    from maskmint.pipeline.testing.tiny_models import build_tiny_pipeline
 
     model = scratch / "tiny-sd"
     build_tiny_pipeline(seed=0, image_size=32).save_pretrained(model)

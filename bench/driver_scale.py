@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import write_json
+from maskmint.schemas.records import BatchDone, ShardStats, ShardWritten
 
 BATCHES_PER_SHARD = 4
 
@@ -37,8 +38,8 @@ class StandInWorker:
 
     def run_shard(self, shard: int):
         for _ in range(BATCHES_PER_SHARD):
-            yield 4
-        yield {"shard": shard, "written": [], "dropped": {}}
+            yield BatchDone(4)
+        yield ShardWritten(ShardStats(shard=shard, planned=16, written=[], dropped={}, seconds={}, mask={}, scores={}))
 
 
 class CountingProgress:
@@ -104,10 +105,10 @@ def measure_resume(shard_count: int, scratch: Path) -> dict:
     """A run over `shard_count` whole shards that finds nothing to do, timed as a user sees it."""
     from maskmint.pipeline.run import run
     from maskmint.pipeline.rundir import RunDir
-    from maskmint.pipeline.tiny_model import build_tiny_pipeline
+    from maskmint.pipeline.testing.tiny_models import build_tiny_pipeline
     from maskmint.schemas.config import parse_config
     from maskmint.schemas.records import ShardStats
-    from maskmint.stages.models import model_fingerprint
+    from maskmint.stages.loading import model_fingerprint
     from maskmint.stages.write import encode_image, write_shard
 
     model = scratch / "tiny-sd"

@@ -22,7 +22,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     >>"$log" 2>&1 || { echo "wheels did not install (see $log)"; exit 2; }
   export PYTHONPATH=/tmp/maskmint-site
 fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+# the checkout is the `maskmint` package: a link named so makes it importable without installing
+source_root=$(mktemp -d /tmp/maskmint-src.XXXXXX)
+ln -s "$PWD" "$source_root/maskmint"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$source_root:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 start=$(date +%s)
 echo "{" >"$out/steps.json"
 first=1

@@ -25,20 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.toyworld import WORDS
-from bench.train_toy_model import (
-    MAX_TOKENS,
-    Checkpoint,
-    build_text_encoder,
-    caption_ids,
-    log,
-    open_checkpoint,
-    parse_with_run_arguments,
-    read_provenance,
-    scenes_batch,
-    train_denoiser,
-    write_provenance,
-)
-from maskmint.pipeline.tiny_model import _t5_encoder, build_t5_tokenizer, build_tokenizer
+from bench.train_toy_model import MAX_TOKENS, build_text_encoder, caption_ids, scenes_batch, train_denoiser
+from bench.training import Checkpoint, log, open_checkpoint, parse_with_run_arguments, read_provenance, write_provenance
+from maskmint.pipeline.testing.tiny_models import _t5_encoder, build_t5_tokenizer, build_tokenizer
 
 
 def build_models(tokenizer, tokenizer_2, width: int, heads: int, double_blocks: int, single_blocks: int, seed: int):

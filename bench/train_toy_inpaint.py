@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.toyworld import SIZE, caption_for, render_scene
-from bench.train_toy_model import caption_ids, load_models, log, noise_schedule
+from bench.train_toy_model import caption_ids, load_models, noise_schedule
+from bench.training import log
 from maskmint.stages.masks import cover_cells, dilate
 
 

@@ -35,17 +35,19 @@ import torch
 import torch.nn.functional as F
 
 from bench.toyworld import SIZE, WORDS, render_scene
-from maskmint.pipeline.tiny_model import SD_BETAS, _text_config, build_tokenizer, sd_ddim_scheduler
+from bench.training import (
+    Checkpoint,
+    log,
+    open_checkpoint,
+    optimise,
+    parse_with_run_arguments,
+    read_provenance,
+    write_provenance,
+)
+from maskmint.pipeline.testing.tiny_models import SD_BETAS, _text_config, build_tokenizer, sd_ddim_scheduler
 
 MAX_TOKENS = 24  # the longest caption (three objects) is 18 tokens with BOS/EOS
 DECODER_EMPTY_SHARE = 0.4  # the decoder stage leans on the object-free scenes it was failing
-
-
-def log(message: str, handle) -> None:
-    line = f"[{time.strftime('%H:%M:%S')}] {message}"
-    print(line, flush=True)
-    handle.write(line + "\n")
-    handle.flush()
 
 
 def scenes_batch(rng: np.random.Generator, size: int, empty_share: float = 0.1):
@@ -142,75 +144,6 @@ def load_models(folder: Path):
 
 def reconstruction_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(recon, images) + 0.1 * F.l1_loss(recon, images)
-
-
-def optimise(optimizer, loss: torch.Tensor) -> float:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
-STAGES = ("vae", "unet", "decoder", "done")
-
-
-class Checkpoint:
-    """Everything a stage needs to continue where an interrupted run stopped.
-
-    Written to a temporary name and renamed, so a kill leaves the previous one whole. A
-    checkpoint made with other arguments is refused rather than mixed in.
-    """
-
-    def __init__(self, path: Path, arguments: dict, every: int, models: dict, rng: np.random.Generator):
-        self.path, self.arguments, self.every, self.models, self.rng = path, arguments, every, models, rng
-        self.state: dict | None = None
-        self.started, self.minutes_before = time.time(), 0.0
-        if path.exists():
-            state = torch.load(path, weights_only=False)
-            if state["arguments"] != arguments:
-                raise SystemExit(f"{path} was made with other arguments; delete it to start over")
-            self.state = state
-            for name, model in models.items():
-                model.load_state_dict(state["models"][name])
-            models["vae"].register_to_config(scaling_factor=state["scaling_factor"])
-            rng.bit_generator.state = state["rng"]
-            self.minutes_before = state["minutes"]
-
-    def minutes(self) -> float:
-        """Training time over every attempt, interruptions left out."""
-        return self.minutes_before + (time.time() - self.started) / 60
-
-    def reached(self, stage: str) -> bool:
-        """Whether the checkpoint is past `stage` (it is done and must not run again)."""
-        return self.state is not None and STAGES.index(self.state["stage"]) > STAGES.index(stage)
-
-    def resume(self, stage: str, generator: torch.Generator | None = None, **stateful) -> int:
-        """The step to start `stage` from, restoring its optimiser/EMA/generator state."""
-        if self.state is None or self.state["stage"] != stage or self.state["step"] == 0:
-            return 0
-        for name, thing in stateful.items():
-            thing.load_state_dict(self.state["extra"][name])
-        self.rng.bit_generator.state = self.state["rng"]  # as it was after the saved step's batch
-        if generator is not None:
-            generator.set_state(self.state["generator"])
-        return self.state["step"]
-
-    def save(self, stage: str, step: int, generator: torch.Generator | None = None, force: bool = False, **stateful):
-        if not force and (not self.every or step % self.every):
-            return
-        state = {
-            "arguments": self.arguments, "stage": stage, "step": step,
-            "models": {name: model.state_dict() for name, model in self.models.items()},
-            "scaling_factor": self.models["vae"].config.scaling_factor,
-            "rng": self.rng.bit_generator.state,
-            "generator": generator.get_state() if generator is not None else None,
-            "extra": {name: thing.state_dict() for name, thing in stateful.items()},
-            "minutes": self.minutes(),
-        }
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, temporary)
-        temporary.replace(self.path)
-        self.state = state
 
 
 def train_vae(vae, steps: int, batch: int, rng, handle, checkpoint: Checkpoint) -> float:
@@ -342,30 +275,6 @@ def save_pipeline(out: Path, text_encoder, vae, unet, tokenizer) -> None:
     pipe.to(torch.float32)
 
 
-def parse_with_run_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """The arguments every toy trainer takes (seed, threads, log, checkpoints), parsed and applied."""
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--log", type=Path, default=None, help="log file (default: OUT.train.log beside OUT)")
-    parser.add_argument("--checkpoint-every", type=int, default=200,
-                        help="save OUT.ckpt.pt every this many steps (0: never); a rerun continues from it")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from maskmint.stages.models import quiet_libraries
-
-    quiet_libraries()
-    return args
-
-
-def open_checkpoint(args: argparse.Namespace, models: dict, rng: np.random.Generator) -> tuple[Checkpoint, Path]:
-    """OUT.ckpt.pt for these arguments (how the run is watched and paced left out) and the log's path."""
-    log_path = args.log or args.out.with_name(args.out.name + ".train.log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    recipe = {k: str(v) for k, v in vars(args).items() if k not in ("log", "threads", "checkpoint_every")}
-    return Checkpoint(args.out.with_name(args.out.name + ".ckpt.pt"), recipe, args.checkpoint_every, models, rng), log_path
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("assets/toy-sd"))
@@ -424,32 +333,6 @@ def main(argv: list[str] | None = None) -> None:
                          **({"initialised_from": read_provenance(args.init)} if args.init else {}))
         checkpoint.path.unlink(missing_ok=True)
         log(f"saved {args.out} after {minutes:.1f} min", handle)
-
-
-def read_provenance(folder: Path | None) -> dict | None:
-    """A trained folder's training.json, to chain into the record of what is made from it."""
-    record = folder / "training.json" if folder else None
-    return json.loads(record.read_text()) if record and record.exists() else None
-
-
-def write_provenance(out: Path, arguments: dict, minutes: float, log_path: Path, resumed_from: dict | None = None,
-                     trained_by: str = "bench/train_toy_model.py", **parts) -> None:
-    """OUT/training.json: how the shipped weights were made, so they can be made again.
-
-    `parts` records where reused parts came from (their own training.json)."""
-    import platform
-
-    record = {
-        "trained_by": trained_by,
-        "arguments": {k: str(v) for k, v in arguments.items()},
-        "wall_minutes": round(minutes, 1),
-        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "log_tail": log_path.read_text().splitlines()[-6:] if log_path.exists() else [],
-        "resumed_from": resumed_from,
-        **parts,
-    }
-    (Path(out) / "training.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

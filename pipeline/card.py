@@ -11,7 +11,7 @@ import numpy as np
 from maskmint.pipeline.preview import write_preview
 from maskmint.pipeline.rundir import RunDir
 from maskmint.schemas.records import RunSummary, ShardStats
-from maskmint.stages.write import atomic_write_bytes
+from maskmint.stages.durable import atomic_write_bytes
 
 PREVIEW_NAME = "preview.png"
 

@@ -14,9 +14,8 @@ import torch
 
 from maskmint.schemas.config import RunConfig
 from maskmint.stages.families import FAMILIES
-from maskmint.stages.models import (
-    ModelLoadError, check_supported, config_source, image_size, load_text_layout, read_model_json, vae_scale,
-)
+from maskmint.stages.loading import ModelLoadError, config_source, read_model_json
+from maskmint.stages.models import check_supported, image_size, load_text_layout, vae_scale
 
 
 def _count(run) -> int:
@@ -44,10 +43,11 @@ def _meta_networks(source: str, inpaint_source: str | None, family_name: str):
     family = FAMILIES[family_name]
     try:
         index = _model_index(source)
-        denoiser_class = getattr(diffusers, index.get(family.denoiser, [None, DENOISER_CLASSES[family.denoiser]])[1])
-        denoiser_config = denoiser_class.load_config(source, subfolder=family.denoiser)
+        name = family.denoiser_component
+        denoiser_class = getattr(diffusers, index.get(name, [None, family.denoiser_class])[1])
+        denoiser_config = denoiser_class.load_config(source, subfolder=name)
         vae_config = diffusers.AutoencoderKL.load_config(source, subfolder="vae")
-        inpaint_config = denoiser_class.load_config(inpaint_source, subfolder=family.denoiser) if inpaint_source else None
+        inpaint_config = denoiser_class.load_config(inpaint_source, subfolder=name) if inpaint_source else None
         encoders = []
         for name in sorted(k for k in index if k.startswith("text_encoder") and index[k][1]) or ["text_encoder"]:
             encoder_class = getattr(transformers, index.get(name, [None, "CLIPTextModel"])[1])
@@ -61,33 +61,10 @@ def _meta_networks(source: str, inpaint_source: str | None, family_name: str):
         return denoiser, inpaint, diffusers.AutoencoderKL.from_config(vae_config), texts
 
 
-DENOISER_CLASSES = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel"}
-
-
-def _denoiser_step(network, latent: tuple[int, int], text_tokens: int) -> int:
-    """FLOPs of one denoiser call at batch 1, its inputs shaped as each architecture takes them."""
-    meta = dict(device="meta")
-    config = network.config
-    step = torch.zeros(1, **meta)
-    if hasattr(config, "cross_attention_dim"):  # a UNet
-        sample = torch.zeros(1, config.in_channels, *latent, **meta)
-        states = torch.zeros(1, text_tokens, config.cross_attention_dim, **meta)
-        added = {}
-        if config.addition_embed_type == "text_time":  # SDXL: pooled text and six size numbers
-            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-            added = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, pooled, **meta),
-                                           "time_ids": torch.zeros(1, 6, **meta)}}
-        return _count(lambda: network(sample, step, encoder_hidden_states=states, **added))
-    states = torch.zeros(1, text_tokens, config.joint_attention_dim, **meta)
-    pooled_vector = torch.zeros(1, config.pooled_projection_dim, **meta)
-    if hasattr(config, "axes_dims_rope"):  # Flux: latents packed 2x2 into tokens, positions as ids
-        tokens = (latent[0] // 2) * (latent[1] // 2)
-        sample = torch.zeros(1, tokens, config.in_channels, **meta)
-        extra = {"img_ids": torch.zeros(tokens, 3, **meta), "txt_ids": torch.zeros(text_tokens, 3, **meta),
-                 "guidance": step if config.guidance_embeds else None}
-        return _count(lambda: network(sample, states, pooled_vector, step, **extra))
-    sample = torch.zeros(1, config.in_channels, *latent, **meta)
-    return _count(lambda: network(sample, states, pooled_vector, step))
+def _denoiser_step(family, network, latent: tuple[int, int], text_tokens: int) -> int:
+    """FLOPs of one denoiser call at batch 1, its inputs shaped as the family's architecture takes them."""
+    args, kwargs = family.denoiser_call(network.config, latent, text_tokens)
+    return _count(lambda: network(*args, **kwargs))
 
 
 def flops_per_triple(config: RunConfig) -> dict[str, float]:
@@ -120,14 +97,10 @@ def flops_per_triple(config: RunConfig) -> dict[str, float]:
     generation_batch = 2 if guided and generation.guidance_scale > 1 else 1
     removal_batch = 2 if guided and removal.guidance_scale > 1 else 1
     removal_steps = min(int(removal.steps * removal.strength), removal.steps)
-    # Latent blending with a UNet reuses generation's latents; otherwise (a prefill, a
-    # 9-channel UNet, the MM-DiT inpainting pipelines) the image is encoded, and for a
-    # 9-channel UNet the masked image too.
-    blends = family.denoiser == "unet" and inpaint.config.in_channels == 4
-    encodes = 0 if blends and not removal.prefill else (1 if family.denoiser != "unet" else 2)
+    encodes = family.removal_encodes(inpaint.config, removal.prefill)
     parts = {
-        "generate_denoiser": generation_batch * generation.steps * _denoiser_step(denoiser, latent, text_tokens),
-        "remove_denoiser": removal_batch * removal_steps * _denoiser_step(inpaint, latent, text_tokens),
+        "generate_denoiser": generation_batch * generation.steps * _denoiser_step(family, denoiser, latent, text_tokens),
+        "remove_denoiser": removal_batch * removal_steps * _denoiser_step(family, inpaint, latent, text_tokens),
         "text_encoder": (generation_batch + removal_batch) * text_passes,
         "vae": 2 * decode + encodes * encode,
     }

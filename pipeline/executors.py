@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Protocol
 
 from maskmint.pipeline.lock import Fenced
-from maskmint.pipeline.worker import FAULT_ENV, ShardWorker
+from maskmint.pipeline.testing import faults
+from maskmint.pipeline.worker import ShardWorker
 from maskmint.schemas.config import ExecutionConfig, RunConfig
-from maskmint.stages.models import ModelLoadError
+from maskmint.stages.loading import ModelLoadError
 
 
 class Progress(Protocol):
@@ -95,10 +96,9 @@ def run_local(config: RunConfig, root: Path, shards: list[int], progress: Progre
             for attempt in range(1, config.execution.max_attempts + 1):
                 counted = 0
                 try:
-                    for item in worker.run_shard(shard):
-                        if isinstance(item, int):
-                            counted += item
-                            progress.samples(item)
+                    for event in worker.run_shard(shard):
+                        counted += event.samples
+                        progress.samples(event.samples)
                     failed.pop(shard, None)
                     watch.whole()
                     break
@@ -128,8 +128,7 @@ class ShardActor:
         return True
 
     def run_shard(self, shard: int):
-        for item in self.worker.run_shard(shard):
-            yield item if isinstance(item, int) else item.model_dump(include={"shard", "written", "dropped"})
+        yield from self.worker.run_shard(shard)
 
 
 RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -194,7 +193,7 @@ def run_ray(config: RunConfig, root: Path, shards: list[int], progress: Progress
             num_gpus=execution.gpus_per_worker if gpus else 0,
             max_restarts=-1,
             max_task_retries=0,
-            runtime_env={"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}} if FAULT_ENV in os.environ else None,
+            runtime_env=faults.ray_env(),
         )
         actors = [actor_class.remote(config, str(root), run_token) for _ in range(count)]
         limits = Limits(execution.max_attempts, execution.worker_start_timeout_s, execution.shard_timeout_s)
@@ -316,7 +315,7 @@ class Dispatch:
 
         actor, shard, _ = self.running[ref]
         try:
-            item = ray.get(next(ref))
+            event = ray.get(next(ref))
         except StopIteration:
             del self.running[ref]
             self.idle.append(actor)
@@ -327,9 +326,8 @@ class Dispatch:
             del self.running[ref]
             self.on_failure(actor, shard, ref, error)
             return
-        if isinstance(item, int):
-            self.counted[shard] += item
-            self.progress.samples(item)
+        self.counted[shard] += event.samples
+        self.progress.samples(event.samples)
 
     def on_failure(self, actor, shard: int, ref, error: BaseException) -> None:
         self.progress.samples(-self.counted[shard])

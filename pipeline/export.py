@@ -19,15 +19,17 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import cv2
 import numpy as np
 
 from maskmint.pipeline.dataset import read_encoded
 from maskmint.pipeline.rundir import RunDir, RunDirError
+from maskmint.schemas.config import ExportFormat
 from maskmint.schemas.records import BACKGROUND_ID, IGNORE_INDEX, MASK_FIELD, METADATA_FIELD
 
-FORMATS = ("folders", "coco", "hf")
+FORMATS = get_args(ExportFormat)
 
 
 def rle_encode(region: np.ndarray) -> dict:

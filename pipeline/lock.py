@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from maskmint.stages.write import fsync_dir
+from maskmint.stages.durable import fsync_dir
 
 LOCK_NAME = "lock.json"
 HISTORY_NAME = "writers.jsonl"

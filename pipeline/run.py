@@ -14,7 +14,8 @@ from maskmint.pipeline.plan import Plan, shard_range
 from maskmint.pipeline.rundir import RunDir, RunDirError, ShardScan
 from maskmint.schemas.config import RunConfig
 from maskmint.schemas.records import RunSummary, ShardStats
-from maskmint.stages.models import check_before_loading, load_text_layout, model_fingerprint
+from maskmint.stages.loading import model_fingerprint
+from maskmint.stages.models import check_before_loading, load_text_layout
 
 
 class Progress:

@@ -23,7 +23,7 @@ from maskmint.schemas.records import (
     ShardStats,
     background_field,
 )
-from maskmint.stages.write import TEMP_NAME, atomic_write_bytes, file_sha256
+from maskmint.stages.durable import TEMP_NAME, atomic_write_bytes, file_sha256
 
 SHARD_FILE = re.compile(r"^(\d{6})\.(tar|json)$")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import time
@@ -17,22 +16,17 @@ import numpy as np
 from maskmint.pipeline.lock import Fence
 from maskmint.pipeline.plan import Plan
 from maskmint.pipeline.rundir import RunDir
+from maskmint.pipeline.testing.faults import injected_fault
 from maskmint.schemas.config import RunConfig
-from maskmint.schemas.records import PlannedSample, SampleMetadata, ShardStats
+from maskmint.schemas.records import BatchDone, PlannedSample, SampleMetadata, ShardStats, ShardWritten
 from maskmint.stages.filter import Filter
 from maskmint.stages.generate import Generate
-from maskmint.stages.models import load_inpainting, load_text_to_image, pick_device, pick_dtype
+from maskmint.stages.loading import pick_device, pick_dtype
+from maskmint.stages.models import load_inpainting, load_text_to_image
 from maskmint.stages.refine import Refine
 from maskmint.stages.remove import Remove
 from maskmint.stages.weak_mask import WeakMask
 from maskmint.stages.write import encode_sample, write_shard
-
-# Debugging aid for failure handling: "SHARD[:raise|exit|hold][:once]" makes that shard raise, its
-# worker process exit hard, or wait (marker `.fault-held-SHARD` in the run directory, until
-# `.fault-release-SHARD` appears), after the first mini-batch; with "once" only on the run's first try.
-FAULT_ENV = "MASKMINT_INJECT_FAULT"
-HOLD_LIMIT_S = 120.0
-
 
 @contextmanager
 def timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
@@ -57,26 +51,6 @@ def mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([q[k] for q in scores])) for k in scores[0]} if scores else {}
 
 
-def injected_fault(shard: int, root: Path) -> None:
-    target, *options = os.environ.get(FAULT_ENV, "").split(":")
-    if target.strip() != str(shard):
-        return
-    if "once" in options:
-        marker = root / f".fault-{shard}"
-        if marker.exists():
-            return
-        marker.touch()
-    if "exit" in options:
-        os._exit(13)
-    if "hold" in options:
-        (root / f".fault-held-{shard}").touch()
-        deadline = time.monotonic() + HOLD_LIMIT_S
-        while not (root / f".fault-release-{shard}").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return
-    raise RuntimeError(f"injected fault on shard {shard}")
-
-
 class ShardWorker:
     def __init__(self, config: RunConfig, root: Path | str, pipe=None, run_token: str | None = None):
         """`pipe` (a loaded StableDiffusionPipeline) skips loading config.model: for benchmarks.
@@ -92,8 +66,9 @@ class ShardWorker:
         self.generate = Generate(pipe, config.generation, config.capture)
         self.plan = Plan(config, self.generate.layout)
         self.weak_mask = WeakMask(config.mask)
-        self.remove = Remove(load_inpainting(pipe, config.model), config.removal,
-                             functools.partial(self.generate.family.prompt_kwargs, self.generate.layout))
+        family, inpaint = self.generate.family, load_inpainting(pipe, config.model)
+        self.remove = Remove(inpaint, config.removal, family.removal_prompts(self.generate.layout),
+                             reuse_latents=family.reuses_generation_latents(family.denoiser(inpaint).config))
         self.refine = Refine(config.refine)
         self.filter = Filter(config.filter)
         self.cpu = ThreadPoolExecutor(config.execution.cpu_threads, thread_name_prefix="maskmint-cpu")
@@ -104,8 +79,8 @@ class ShardWorker:
         if run_token is not None:
             self.identity["run"] = run_token
 
-    def run_shard(self, shard: int) -> Iterator[int | ShardStats]:
-        """Yields the size of each mini-batch as it leaves the model, then the shard's stats."""
+    def run_shard(self, shard: int) -> Iterator[BatchDone | ShardWritten]:
+        """A `BatchDone` as each mini-batch leaves the model, then `ShardWritten`."""
         samples = self.plan.shard(shard)
         seconds: dict[str, float] = defaultdict(float)
         finishing = []
@@ -117,7 +92,7 @@ class ShardWorker:
             finishing.append(self.cpu.submit(self._finish, planned, batch))
             if start == 0:
                 injected_fault(shard, self.rundir.root)
-            yield len(planned)
+            yield BatchDone(len(planned))
 
         encoded, dropped, qualities = [], {}, {}
         for future in finishing:
@@ -143,7 +118,7 @@ class ShardWorker:
             stats = write_shard(
                 self.rundir.tar_path(shard), self.rundir.stats_path(shard), encoded, stats, self.fence.check
             )
-        yield stats
+        yield ShardWritten(stats)
 
     def model_stages(self, batch: dict, seconds: dict[str, float]) -> dict:
         """generate (with capture) -> weak mask -> remove: the stages that use the model."""

@@ -4,67 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import string
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 SCHEMA_VERSION = 1
-CONCEPT_FIELD = "concept"
-MAX_CONCEPTS = 3
-# A template's concept slots: {concept}, {concept2}, {concept3}.
-CONCEPT_SLOTS = [CONCEPT_FIELD] + [f"{CONCEPT_FIELD}{n}" for n in range(2, MAX_CONCEPTS + 1)]
+from maskmint.schemas.base import ConfigError, Section, format_error, resolve_model_location
+from maskmint.schemas.prompts import PromptsConfig
 
-
-class ConfigError(ValueError):
-    """A user mistake in a run config; its message is meant to be shown as is."""
-
-
-class Section(BaseModel):
-    # Defaults go through the same validators as user values: a default is a value too.
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-def _looks_like_path(text: str) -> bool:
-    # A hub id is "name" or "org/name"; anything else that names a file system
-    # location must exist, so a typo is reported instead of sent to the hub.
-    return (
-        text.startswith((".", "/", "~"))
-        or text.endswith((".safetensors", ".ckpt"))
-        or text.count("/") > 1
-        or "\\" in text
-    )
-
-
-def _find(value: str, info: ValidationInfo, accept) -> str | None:
-    """`value` as an absolute path: itself if absolute, else against the config file's folder,
-    then the working directory; None when no candidate passes `accept`."""
-    base = Path((info.context or {}).get("base_dir", "."))
-    expanded = Path(value).expanduser()
-    candidates = [expanded] if expanded.is_absolute() else [base / expanded, Path.cwd() / expanded]
-    return next((str(c.resolve()) for c in candidates if accept(c)), None)
-
-
-def resolve_model_location(value: str | None, info: ValidationInfo) -> str | None:
-    if value is None:
-        return None
-    found = _find(value, info, Path.exists)
-    if found is not None:
-        return found
-    if _looks_like_path(value):
-        raise ValueError(f"'{value}' does not exist (relative paths are resolved against the config file's folder)")
-    return value  # a hub id
+# The values a user picks from, each listed here once. The registries that implement them
+# (stages/families, the families' capture recipes, pipeline/executors, pipeline/export) are
+# held equal to these by tests/test_one_source.py.
+FamilyName = Literal["sd", "sdxl", "sd3", "flux"]
+RecipeName = Literal["cross", "concept_attention"]
+ExecutorName = Literal["ray", "local"]
+ExportFormat = Literal["folders", "coco", "hf"]
+SHARE_RECIPES = ("concept_attention",)  # recipes whose maps are already shares of each pixel
 
 
 class ModelConfig(Section):
@@ -77,7 +39,7 @@ class ModelConfig(Section):
         default=None,
         description="diffusers folder or hub id holding the configs for a single-file checkpoint",
     )
-    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = Field(
+    family: Literal["auto", FamilyName] = Field(
         default="auto",
         description="sd (1.x/2.x), sdxl, sd3 or flux; auto reads model_index.json's class (or a single file's "
         "tensor names)",
@@ -86,231 +48,6 @@ class ModelConfig(Section):
     device: str = Field(default="auto", description="'auto' picks cuda when present, else cpu")
 
     _resolve = field_validator("path", "inpaint_path", "single_file_config")(resolve_model_location)
-
-
-class ConceptConfig(Section):
-    name: str = Field(min_length=1)
-    class_id: int = Field(ge=1, le=254)
-    synonyms: list[str] = Field(default_factory=list)
-    templates: list[str] = Field(
-        default_factory=list,
-        description="prompts for this concept only; each must contain {concept}, the concept name or a synonym",
-    )
-
-    @property
-    def words(self) -> list[str]:
-        return [self.name, *self.synonyms]
-
-
-class Template(Section):
-    prompt: str
-    background: str | None = Field(
-        default=None, description="prompt for the removed scene; default: the prompt without {concept}"
-    )
-
-
-def fields_of(text: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(text) if name}
-
-
-def concept_slots(text: str) -> int:
-    """How many concepts a template names: {concept}, {concept2}, ... counted in order."""
-    fields = fields_of(text)
-    return next((n for n, slot in enumerate(CONCEPT_SLOTS) if slot not in fields), len(CONCEPT_SLOTS))
-
-
-def filler_of(placeholder: str) -> str:
-    """`{colour2}` draws from fillers['colour2'] if given, else from fillers['colour'] (a value
-    other than the one `{colour}` got, while there are others)."""
-    return placeholder.rstrip("0123456789") or placeholder
-
-
-def resolve_input_file(value: str | None, info: ValidationInfo) -> str | None:
-    """A file the config names: resolved against the config's folder (then the working
-    directory); it must exist."""
-    if value is None:
-        return None
-    found = _find(value, info, Path.is_file)
-    if found is not None:
-        return found
-    raise ValueError(f"'{value}' is not a file (relative paths are resolved against the config file's folder)")
-
-
-def read_concepts_file(path: str) -> list[ConceptConfig]:
-    """One class name per line (ids 1, 2, ...), or `id,name[,synonym|synonym...]` on every line;
-    blank lines and `#` comments are skipped."""
-    rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        line = line.split("#", 1)[0].strip()
-        if line:
-            rows.append((number, [part.strip() for part in line.split(",")]))
-    if not rows:
-        raise ValueError(f"concepts_file: '{path}' lists no class")
-    with_ids = [len(parts) > 1 for _, parts in rows]
-    if any(with_ids) and not all(with_ids):
-        number = rows[with_ids.index(not with_ids[0])][0]
-        raise ValueError(f"concepts_file line {number}: mixes 'name' and 'id,name' lines; use one form throughout")
-    concepts = []
-    for position, (number, parts) in enumerate(rows, start=1):
-        try:
-            if len(parts) == 1:
-                concepts.append(ConceptConfig(name=parts[0], class_id=position))
-            else:
-                synonyms = [w.strip() for w in parts[2].split("|") if w.strip()] if len(parts) > 2 else []
-                if len(parts) > 3:
-                    raise ValueError("expected id,name[,synonym|synonym...]")
-                concepts.append(ConceptConfig(name=parts[1], class_id=int(parts[0]), synonyms=synonyms))
-        except (ValueError, ValidationError) as error:
-            detail = _format_error(error) if isinstance(error, ValidationError) else str(error)
-            raise ValueError(f"concepts_file line {number}: {detail}") from None
-    return concepts
-
-
-class LineConcept(Section):
-    """One concept of a prompts.file line: the word as written in the prompt, and its class."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    word: str = Field(min_length=1)
-    class_: str | int = Field(alias="class", description="class name or id")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, value: Any) -> Any:
-        return {"word": value, "class": value} if isinstance(value, str) else value
-
-
-class PromptLine(Section):
-    """One line of prompts.file (JSON): {"prompt": ..., "concepts": ["dog", {"word": "puppy", "class": "dog"}]}."""
-
-    prompt: str = Field(min_length=1)
-    concepts: list[LineConcept] = Field(min_length=1)
-    background: str | None = Field(default=None, description="default: the prompt without the concept words")
-
-
-class PromptsConfig(Section):
-    concepts: list[ConceptConfig] = Field(
-        default_factory=list, description="the classes; or give concepts_file or preset instead"
-    )
-    concepts_file: str | None = Field(
-        default=None, description="class list: one name per line, or `id,name[,synonym|synonym...]` per line"
-    )
-    preset: Literal["voc", "coco"] | None = Field(default=None, description="a benchmark's class list with its ids")
-    file: str | None = Field(
-        default=None,
-        description="JSONL of prompts written elsewhere, one per line naming its concept word(s) and class(es); "
-        "sample i takes line i mod lines; templates and fillers are then unused",
-    )
-    templates: list[Template] = Field(
-        default_factory=lambda: ["a photo of a {concept}"],
-        description="a plain string is the prompt; a mapping may also give its background prompt; "
-        "{concept2}, {concept3} make a template for several concepts",
-    )
-    concepts_per_image: int | list[int] = Field(
-        default=1,
-        description="concepts in each image; a list is taken in turns (e.g. [1, 2, 3]); "
-        "each count needs templates with that many concept slots",
-    )
-    fillers: dict[str, list[str]] = Field(default_factory=dict)
-    negative_prompt: str = ""
-
-    @field_validator("templates", mode="before")
-    @classmethod
-    def _as_templates(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"prompt": t} if isinstance(t, str) else t for t in value]
-        return value
-
-    _files = field_validator("concepts_file", "file")(resolve_input_file)
-
-    @model_validator(mode="after")
-    def _resolve_and_check(self) -> PromptsConfig:
-        resolved = self._class_list()
-        if resolved is not self.concepts:
-            self = self.model_copy(update={"concepts": resolved})
-        return self._check_templates()
-
-    def _class_list(self) -> list[ConceptConfig]:
-        """The classes, from exactly one source; a frozen config read back (concepts already
-        filled in from its file or preset) passes."""
-        if self.concepts_file is not None and self.preset is not None:
-            raise ValueError("concepts_file and preset: give one of them")
-        if self.preset is not None:
-            from maskmint.schemas.presets import PRESETS
-
-            loaded = [ConceptConfig(name=name, class_id=i) for i, name in PRESETS[self.preset].items()]
-        elif self.concepts_file is not None:
-            loaded = read_concepts_file(self.concepts_file)
-        elif not self.concepts:
-            raise ValueError("concepts: give the classes (concepts, concepts_file or preset)")
-        else:
-            return self.concepts
-        if self.concepts and self.concepts != loaded:
-            source = "preset" if self.preset else "concepts_file"
-            raise ValueError(f"concepts: give the classes either here or by {source}, not both")
-        return loaded
-
-    @property
-    def counts_per_image(self) -> list[int]:
-        return [self.concepts_per_image] if isinstance(self.concepts_per_image, int) else list(self.concepts_per_image)
-
-    def _check_templates(self) -> PromptsConfig:
-        if not self.templates and not all(c.templates for c in self.concepts):
-            raise ValueError("templates: empty, and not every concept has templates of its own")
-        for i, template in enumerate(self.templates):
-            where = f"templates.{i}"
-            slots = concept_slots(template.prompt)
-            if slots == 0:
-                raise ValueError(f"{where}: '{template.prompt}' has no {{concept}} placeholder")
-            stray = fields_of(template.prompt) & set(CONCEPT_SLOTS[slots:])
-            if stray:
-                raise ValueError(f"{where}: '{template.prompt}' uses {{{sorted(stray)[0]}}} without the slots before it")
-            self._check_fillers(where, template.prompt, template.background)
-        counts = self.counts_per_image
-        if self.file is None:
-            if not counts or min(counts) < 1 or max(counts) > min(MAX_CONCEPTS, len(self.concepts)):
-                raise ValueError(
-                    f"concepts_per_image: each count must be 1..{min(MAX_CONCEPTS, len(self.concepts))} "
-                    "(at most 3, and no class twice in one image)"
-                )
-            for count in sorted(set(counts)):
-                has = any(concept_slots(t.prompt) == count for t in self.templates)
-                if not has and not (count == 1 and all(c.templates for c in self.concepts)):
-                    raise ValueError(f"concepts_per_image: no template names {count} concept(s) ({{concept}} .. {{concept{count}}})")
-        for c, concept in enumerate(self.concepts):
-            for t, text in enumerate(concept.templates):
-                where = f"concepts.{c}.templates.{t}"
-                if CONCEPT_FIELD not in fields_of(text) and find_word(text, concept.words) is None:
-                    raise ValueError(
-                        f"{where}: concept '{concept.name}' does not occur in '{text}' "
-                        "(use {concept}, the name or a synonym)"
-                    )
-                self._check_fillers(where, text, None)
-        ids = [c.class_id for c in self.concepts]
-        if len(set(ids)) != len(ids):
-            raise ValueError("concepts: class_id values must be unique")
-        return self
-
-    def _check_fillers(self, where: str, *texts: str | None) -> None:
-        for text in texts:
-            if text is None:
-                continue
-            missing = {
-                f for f in fields_of(text) - set(CONCEPT_SLOTS) if f not in self.fillers and filler_of(f) not in self.fillers
-            }
-            if missing:
-                raise ValueError(f"{where}: placeholder(s) {sorted(missing)} have no entry in fillers")
-        for name, options in self.fillers.items():
-            if not options:
-                raise ValueError(f"fillers.{name}: needs at least one option")
-
-
-def find_word(text: str, words: list[str]) -> tuple[int, int] | None:
-    """Character span of the first whole-word occurrence of any of `words`."""
-    for word in words:
-        match = re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", text, flags=re.IGNORECASE)
-        if match:
-            return match.span()
-    return None
 
 
 class GenerationConfig(Section):
@@ -337,7 +74,7 @@ class GenerationConfig(Section):
 
 
 class CaptureConfig(Section):
-    recipe: Literal["cross", "concept_attention"] = Field(
+    recipe: RecipeName = Field(
         default="cross",
         description="cross: attention probabilities of the concept's tokens (DAAM; for SD3/Flux the image x "
         "concept block of the joint softmax); concept_attention: ConceptAttention's output-space maps (sd3, flux)",
@@ -476,7 +213,7 @@ class OutputConfig(Section):
 
 
 class ExecutionConfig(Section):
-    executor: Literal["ray", "local"] = Field(
+    executor: ExecutorName = Field(
         default="ray", description="ray: shards spread over Ray actors; local: one worker in this process"
     )
     address: str | None = Field(
@@ -549,7 +286,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _shares_need_concept_attention(self) -> RunConfig:
-        if self.mask.normalise == "none" and self.capture.recipe != "concept_attention":
+        if self.mask.normalise == "none" and self.capture.recipe not in SHARE_RECIPES:
             raise ValueError("mask.normalise: none takes maps that are shares (capture.recipe: concept_attention); "
                              "cross-attention maps need per_map")
         return self
@@ -559,7 +296,7 @@ class RunConfig(Section):
         try:
             execution = ExecutionConfig.model_validate({**self.execution.model_dump(), **changes})
         except ValidationError as error:
-            raise ConfigError(_format_error(error, prefix="execution.")) from None
+            raise ConfigError(format_error(error, prefix="execution.")) from None
         return self.model_copy(update={"execution": execution})
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -582,21 +319,6 @@ class RunConfig(Section):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _format_error(error: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for item in error.errors():
-        parts = [str(p) for p in item["loc"] if not str(p).startswith(("function-", "str", "Template"))]
-        where = prefix + ".".join(p if p.isprintable() and p.strip() == p and p else repr(p) for p in parts)
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        if re.match(r"^[a-z_]+\.[a-z_.]+: ", message) and (not where or message.startswith(f"{where}.")):
-            lines.append(prefix + message)  # a check across fields names the field itself
-        else:
-            lines.append(f"{where or 'config'}: {message}")
-    return "; ".join(dict.fromkeys(lines))
-
-
 def parse_config(data: Any, base_dir: Path | str = ".") -> RunConfig:
     """Validate a config mapping; raise ConfigError with one readable line."""
     if not isinstance(data, dict):
@@ -604,7 +326,7 @@ def parse_config(data: Any, base_dir: Path | str = ".") -> RunConfig:
     try:
         return RunConfig.model_validate(data, context={"base_dir": str(base_dir)})
     except ValidationError as error:
-        raise ConfigError(_format_error(error)) from None
+        raise ConfigError(format_error(error)) from None
 
 
 def load_config(path: Path | str) -> RunConfig:

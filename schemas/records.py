@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from maskmint.schemas.config import SCHEMA_VERSION
@@ -107,3 +109,19 @@ class RunSummary(Record):
     dropped_by_reason: dict[str, int]
     seconds_by_stage: dict[str, float]
     whole: bool
+
+
+# What a shard worker reports as it goes (the executors count `samples` from either).
+@dataclass(frozen=True)
+class BatchDone:
+    """A mini-batch has left the model: `samples` more are on their way into the shard."""
+
+    samples: int
+
+
+@dataclass(frozen=True)
+class ShardWritten:
+    """The shard is whole on disk; its samples were counted batch by batch already."""
+
+    stats: ShardStats
+    samples: int = 0

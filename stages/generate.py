@@ -8,20 +8,12 @@ import torch.nn.functional as F
 
 from maskmint.schemas.config import CaptureConfig, GenerationConfig
 from maskmint.schemas.records import ConceptSpan
-from maskmint.stages.capture import install_capture
-from maskmint.stages.concept_attention import ConceptStream
 from maskmint.stages.families import family_of_pipeline
-from maskmint.stages.models import check_blocks, image_size
+from maskmint.stages.models import pipeline_image_size
 from maskmint.stages.tokens import TextLayout
 
 # Inductor generates kernels; tests swap in "eager" to check tracing without the codegen wait.
 COMPILE_BACKEND = "inductor"
-
-
-def pipeline_image_size(pipe, config: GenerationConfig) -> tuple[int, int]:
-    components = pipe.components
-    denoiser = components["unet"] if components.get("unet") is not None else components["transformer"]
-    return image_size(config, denoiser.config, pipe.vae.config)
 
 
 def token_slots(concepts: list[list[ConceptSpan]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,18 +59,15 @@ class Generate:
         self.family = family = family_of_pipeline(pipe)
         self.layout: TextLayout = family.text_layout(pipe.components)
         self.config = generation
-        denoiser = getattr(pipe, family.denoiser)
-        check_blocks(capture.blocks, len(getattr(denoiser, "transformer_blocks", [])))
-        if capture.recipe == "concept_attention":
-            self.store = ConceptStream(pipe, family, self.layout, capture)
-        else:
-            self.store = install_capture(denoiser, capture, family.attention)
+        family.check_loaded(pipe, capture)
+        self.store = family.capture_store(pipe, self.layout, capture)
+        denoiser = family.denoiser(pipe)
         if generation.channels_last:
             denoiser.to(memory_format=torch.channels_last)
         if generation.compile:
             # After the processors are in, so capture is traced into the graph. Removal by latent
             # blending shares this denoiser and gets graphs of its own for the uncaptured path.
-            setattr(pipe, family.denoiser, torch.compile(denoiser, backend=COMPILE_BACKEND))
+            setattr(pipe, family.denoiser_component, torch.compile(denoiser, backend=COMPILE_BACKEND))
         self.height, self.width = pipeline_image_size(pipe, generation)
 
     @torch.inference_mode()

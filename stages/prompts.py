@@ -7,7 +7,7 @@ import numpy as np
 
 from pydantic import ValidationError
 
-from maskmint.schemas.config import (
+from maskmint.schemas.prompts import (
     CONCEPT_SLOTS,
     ConceptConfig,
     PromptLine,

@@ -23,11 +23,14 @@ def prefill(image: np.ndarray, region: np.ndarray) -> np.ndarray:
 class Remove:
     """Batch stage: adds `background` uint8 [B,H,W,3]; samples with an empty weak mask keep their image."""
 
-    def __init__(self, inpaint_pipe, config: RemovalConfig, prompt_kwargs=None):
-        """`prompt_kwargs(prompts, negatives)`: the family's text arguments (default: SD's)."""
+    def __init__(self, inpaint_pipe, config: RemovalConfig, prompt_kwargs=None, reuse_latents: bool = False):
+        """`prompt_kwargs(prompts, negatives)`: the family's text arguments (default: SD's).
+        `reuse_latents`: the inpainting denoiser blends latents, so generation's latents stand
+        in for the image's (two VAE encodes skipped; the family says when)."""
         self.pipe = inpaint_pipe
         self.config = config
         self.prompt_kwargs = prompt_kwargs or (lambda prompts, negatives: {"prompt": prompts, "negative_prompt": negatives})
+        self.reuse_latents = reuse_latents
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
@@ -41,11 +44,8 @@ class Remove:
         cell = self.pipe.vae_scale_factor
         cells = np.stack([cover_cells(regions[i], cell) for i in todo])
         height, width = images.shape[1:3]
-        latents = None if self.config.prefill else batch.get("latents")
-        unet = self.pipe.components.get("unet")
-        if latents is not None and unet is not None and unet.config.in_channels == 4:
-            # Latent blending only needs the image's latents: reuse generation's, skipping two
-            # VAE encodes (image and masked image; the latter is unused by a 4-channel UNet).
+        latents = batch.get("latents") if self.reuse_latents and not self.config.prefill else None
+        if latents is not None:
             image = masked = latents[todo]
         else:
             start = np.stack([prefill(images[i], regions[i]) for i in todo]) if self.config.prefill else images[todo]

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
-import secrets
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,10 +11,7 @@ import numpy as np
 import webdataset as wds
 
 from maskmint.schemas.records import HEATMAP_FIELD, MASK_FIELD, METADATA_FIELD, SampleMetadata, ShardStats, background_field
-
-TEMP_PREFIX = "."  # temp files are hidden, so `*.tar` globs never see a half-written shard
-# What `temp_path` makes, and nothing else: `.NAME.tmp-HOST-PID-RANDOM`.
-TEMP_NAME = re.compile(r"^\.(?P<name>[^/]+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+from maskmint.stages.durable import file_sha256, fsync_dir, write_temp
 
 
 def encode_image(image: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
@@ -58,53 +51,6 @@ def encode_sample(
     }
 
 
-def temp_path(path: Path) -> Path:
-    # Host, pid and a random part: pids repeat across the hosts of a shared filesystem.
-    return path.with_name(f"{TEMP_PREFIX}{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or create in `folder` durable."""
-    try:
-        handle = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename itself still happened
-    finally:
-        os.close(handle)
-
-
-def _write_temp(path: Path, write) -> Path:
-    """Write through `write(handle)` to a temp name beside `path`, fsynced; removed on failure."""
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _write_temp(path, lambda handle: handle.write(data))
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_shard(
     tar_path: Path,
     stats_path: Path,
@@ -122,11 +68,11 @@ def write_shard(
             for sample in samples:
                 writer.write(sample)
 
-    tar_tmp = _write_temp(tar_path, write_tar)
+    tar_tmp = write_temp(tar_path, write_tar)
     stats_tmp = None
     try:
         stats = stats.model_copy(update={"tar_bytes": tar_tmp.stat().st_size, "tar_sha256": file_sha256(tar_tmp)})
-        stats_tmp = _write_temp(stats_path, lambda handle: handle.write(stats.model_dump_json(indent=1).encode()))
+        stats_tmp = write_temp(stats_path, lambda handle: handle.write(stats.model_dump_json(indent=1).encode()))
         before_publish()
         os.replace(tar_tmp, tar_path)
         try:

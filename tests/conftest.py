@@ -12,7 +12,7 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from maskmint.pipeline.tiny_model import build_tiny_pipeline  # noqa: E402
+from maskmint.pipeline.testing.tiny_models import build_tiny_pipeline  # noqa: E402
 
 TEST_IMAGE_SIZE = 32
 

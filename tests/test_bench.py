@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from bench import quality, throughput, train_toy_dit, train_toy_model
+from bench import quality, real_shapes, throughput, train_toy_dit, train_toy_model
 from bench.toyworld import (
     COLORS,
     SHAPES,
@@ -162,7 +162,7 @@ def test_init_keeps_the_image_networks_and_gives_every_toy_word_one_token(tmp_pa
     from bench.toyworld import WORDS
     from transformers import CLIPTextModel
 
-    from maskmint.pipeline.tiny_model import _text_config, build_tokenizer
+    from maskmint.pipeline.testing.tiny_models import _text_config, build_tokenizer
 
     # an older toy folder whose 16-position vocabulary spells three words in pieces
     old = tmp_path / "old"
@@ -294,7 +294,7 @@ def test_full_size_benchmark_models_have_the_published_sizes(builder, denoiser, 
     import torch
 
     with torch.device("meta"):
-        pipe = getattr(throughput, builder)(*([True] if builder == "build_flux" else []))
+        pipe = getattr(real_shapes, builder)(*([True] if builder == "build_flux" else []))
     assert low <= sum(p.numel() for p in getattr(pipe, denoiser).parameters()) <= high
 
 

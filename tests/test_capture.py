@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from maskmint.pipeline.tiny_model import build_tiny_pipeline
+from maskmint.pipeline.testing.tiny_models import TinyShape, build_tiny_pipeline
 from maskmint.schemas.config import CaptureConfig, GenerationConfig, load_config
 from maskmint.schemas.records import ConceptSpan
 from maskmint.stages.generate import Generate, to_uint8, token_slots
@@ -90,7 +90,7 @@ def _generate_plain(pipe, batch, processor_factory):
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = build_tiny_pipeline(seed=3, image_size=TEST_IMAGE_SIZE, unet_channels=(32, 64, 64))
+    p = build_tiny_pipeline(seed=3, image_size=TEST_IMAGE_SIZE, shape=TinyShape(unet_channels=(32, 64, 64)))
     p.set_progress_bar_config(disable=True)
     return p
 

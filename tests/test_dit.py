@@ -16,7 +16,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from maskmint import launch
 from bench.chaos import audit
-from maskmint.pipeline.tiny_model import BUILDERS
+from maskmint.pipeline.testing.tiny_models import BUILDERS
 from maskmint.schemas.config import CaptureConfig, GenerationConfig, ModelConfig
 from maskmint.schemas.records import ConceptSpan
 from maskmint.stages.families import FLUX, SD3, family_of_pipeline, resolve_family
@@ -160,7 +160,7 @@ def test_generated_images_are_the_family_pipelines_own_decode(dit):
 
 def test_joint_capture_in_bounded_chunks_is_the_same(dit, monkeypatch):
     """A large layer's scores are taken a few query rows at a time; the maps do not change."""
-    from maskmint.stages import capture
+    from maskmint.stages.capture import cross as capture
 
     name, pipe = dit
     batch, _ = _batch(pipe)
@@ -247,6 +247,10 @@ def test_plan_reports_tokens_of_the_longest_encoder_sequence(dit_dirs, config_di
     assert report["cost"]["tflop_per_triple"] > 0
 
 
+# what each transformer's forward multiplies its timestep (and guidance) input by
+TRANSFORMER_TIMESTEP_SCALE = {"sd3": 1.0, "flux": 1000.0}
+
+
 class SlowConceptAttention:
     """ConceptAttention done the plain way: every block's inputs taken from the block itself,
     its image attention recomputed, the concepts' softmax materialised in float64, and every
@@ -272,10 +276,11 @@ class SlowConceptAttention:
             states.append(embeds[:, self.layout.segments[-1].offset])
         _, pooled = self.family.encode_text(self.pipe, self.layout, [" ".join(ws) for ws in self.words])
         self.state = [self.transformer.context_embedder(s) for s in states]  # per sample: [K, D]
-        t = kwargs["timestep"][-batch:] * self.family.timestep_scale
+        scale = TRANSFORMER_TIMESTEP_SCALE[self.family.name]
+        t = kwargs["timestep"][-batch:] * scale
         g = kwargs.get("guidance")
         embed = self.transformer.time_text_embed
-        self.temb = embed(t, g[-batch:] * self.family.timestep_scale, pooled) if g is not None else embed(t, pooled)
+        self.temb = embed(t, g[-batch:] * scale, pooled) if g is not None else embed(t, pooled)
 
     def block(self, block, args, kwargs, output):
         batch = len(self.words)
@@ -336,7 +341,7 @@ def test_concept_attention_equals_slow_reference_and_leaves_images_alone(dit):
     generate = Generate(pipe, GenerationConfig(steps=STEPS, guidance_scale=5.0),
                         CaptureConfig(recipe="concept_attention"))
     out = generate(batch)
-    captured = generate.store.heatmaps().numpy()
+    captured = generate.store.heatmaps(token_slots(batch["concepts"])[1]).numpy()
     assert len(slow.maps) == STEPS * len(generate.store.blocks)
     assert expected.max() - expected.min() > 1e-3  # the maps are not flat
     np.testing.assert_allclose(captured, expected, rtol=1e-4, atol=1e-5)
@@ -353,7 +358,7 @@ def test_concept_attention_softmax_shares_each_pixel(dit):
     generate = Generate(pipe, GenerationConfig(steps=2), CaptureConfig(recipe="concept_attention",
                                                                        background_concepts=["background", "scene"]))
     generate(batch)
-    maps = generate.store.heatmaps()
+    maps = generate.store.heatmaps(token_slots(batch["concepts"])[1])
     assert maps.shape[1] == 2
     assert torch.all(maps.sum(1) <= 1 + 1e-3) and torch.all(maps >= 0)
     assert torch.all(maps[1, 1] == 0)  # the second sample has one object: its padded slot is empty

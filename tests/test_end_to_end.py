@@ -15,9 +15,9 @@ from PIL import Image
 from maskmint import launch
 from maskmint.pipeline.plan import planned_keys
 from maskmint.pipeline.rundir import RunDir
-from maskmint.pipeline.worker import FAULT_ENV
+from maskmint.pipeline.testing.faults import FAULT_ENV
 from maskmint.schemas.config import load_config
-from maskmint.stages.write import temp_path
+from maskmint.stages.durable import temp_path
 from tests.conftest import tar_fields
 
 

@@ -14,7 +14,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from maskmint import launch
 from bench.chaos import audit
-from maskmint.pipeline.tiny_model import build_tiny_sdxl_pipeline
+from maskmint.pipeline.testing.tiny_models import build_tiny_sdxl_pipeline
 from maskmint.schemas.config import CaptureConfig, GenerationConfig, ModelConfig
 from maskmint.stages.families import FLUX, SD, SD3, SDXL, UnsupportedModel, resolve_family
 from maskmint.stages.generate import Generate, to_uint8, token_slots
@@ -141,7 +141,7 @@ def test_per_resolution_weighting_equals_slow_reference(sdxl_pipe):
 
 
 def test_tiny_model_command_writes_each_family(tmp_path):
-    from maskmint.pipeline.tiny_model import main
+    from maskmint.pipeline.testing.tiny_models import main
 
     for family, class_name in (("sd", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline"),
                                ("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline")):
@@ -168,7 +168,7 @@ def test_the_shipped_tiny_family_configs_run(tmp_path, family):
 
     from pathlib import Path
 
-    from maskmint.pipeline.tiny_model import main
+    from maskmint.pipeline.testing.tiny_models import main
 
     repo = Path(__file__).resolve().parents[1]
     shutil.copytree(repo / "configs", tmp_path / "configs")

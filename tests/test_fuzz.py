@@ -230,7 +230,7 @@ def runnable_configs(draw, families: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def fuzz_families(tiny_model_dir, tmp_path_factory) -> dict:
-    from maskmint.pipeline.tiny_model import build_tiny_flux_pipeline
+    from maskmint.pipeline.testing.tiny_models import build_tiny_flux_pipeline
 
     flux = tmp_path_factory.mktemp("models") / "tiny-flux"
     build_tiny_flux_pipeline(seed=2, image_size=32).save_pretrained(flux)

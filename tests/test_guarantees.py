@@ -23,7 +23,7 @@ from maskmint import launch
 from bench.chaos import audit
 from maskmint.pipeline.lock import HISTORY_NAME, LOCK_NAME, Holder, RunLock, process_start
 from maskmint.pipeline.rundir import RunDir
-from maskmint.pipeline.worker import FAULT_ENV
+from maskmint.pipeline.testing.faults import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from bench.chaos import audit
 from maskmint.pipeline.lock import LOCK_NAME, Fence, Fenced, Holder, RunLock
 from maskmint.pipeline.rundir import RunDir
 from maskmint.schemas.config import load_config, parse_config
-from maskmint.stages.models import model_fingerprint
+from maskmint.stages.loading import model_fingerprint
 
 
 def run_cli(config_path, out, *extra) -> int:
@@ -86,7 +86,7 @@ def test_a_writer_killed_mid_write_leaves_no_temp_file(small, write_config, tmp_
     """A worker killed between writing its temp file and renaming it, in a run that then
     finishes on other workers: the run's directory holds no temp file at the end."""
     from maskmint.pipeline import run as run_module
-    from maskmint.stages.write import temp_path
+    from maskmint.stages.durable import temp_path
 
     original = run_module.EXECUTORS["local"]
 
@@ -304,7 +304,7 @@ def test_export_out_a_file_is_one_line(whole_run, tmp_path, capsys):
 
 
 def test_retry_hint_keeps_the_executor_flags(small, write_config, tmp_path, monkeypatch, capsys):
-    from maskmint.pipeline.worker import FAULT_ENV
+    from maskmint.pipeline.testing.faults import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "1")
     small["execution"]["executor"] = "ray"
@@ -315,7 +315,7 @@ def test_retry_hint_keeps_the_executor_flags(small, write_config, tmp_path, monk
 
 
 def test_card_of_a_partial_run_names_only_whole_shards(small, write_config, tmp_path, monkeypatch):
-    from maskmint.pipeline.worker import FAULT_ENV
+    from maskmint.pipeline.testing.faults import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "1")
     out = tmp_path / "run"

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from maskmint import launch
-from maskmint.schemas.config import ConfigError, FilterConfig, MaskConfig, PromptsConfig, RefineConfig, parse_config
+from maskmint.schemas.config import ConfigError, FilterConfig, MaskConfig, RefineConfig, parse_config
+from maskmint.schemas.prompts import PromptsConfig
 from maskmint.stages.filter import drop_reason
 from maskmint.stages.prompts import PromptBuilder
 from maskmint.stages.tokens import TextLayout
@@ -47,7 +48,7 @@ MULTI = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from maskmint.pipeline.tiny_model import build_tokenizer
+    from maskmint.pipeline.testing.tiny_models import build_tokenizer
 
     return build_tokenizer(["dog", "puppy", "cat", "horse", "red", "blue", "park", "kitchen", "photo"])
 

@@ -22,8 +22,9 @@ import torch
 from maskmint import launch
 from maskmint.pipeline.plan import planned_keys
 from maskmint.pipeline.rundir import RunDir
-from maskmint.pipeline.worker import FAULT_ENV
+from maskmint.pipeline.testing.faults import FAULT_ENV
 from maskmint.schemas.config import load_config
+from maskmint.schemas.records import BatchDone, ShardStats, ShardWritten
 from tests.conftest import tar_fields
 
 pytestmark = pytest.mark.ray
@@ -221,8 +222,9 @@ class StandIn:
             open(self.marker, "w").close()
             time.sleep(3600)  # a hung device, on the first try only
         time.sleep(self.seconds)
-        yield 1
-        yield {"shard": shard}
+        yield BatchDone(1)
+        yield ShardWritten(ShardStats(shard=shard, planned=1, written=[f"{shard:06d}"], dropped={}, seconds={},
+                                      mask={}, scores={}))
 
 
 class Notes:

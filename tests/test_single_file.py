@@ -166,7 +166,7 @@ def sdxl_original_format_state(pipe) -> dict[str, torch.Tensor]:
 
 
 def test_single_file_sdxl_in_the_original_layout_loads_the_same_weights(tmp_path):
-    from maskmint.pipeline.tiny_model import build_tiny_sdxl_pipeline
+    from maskmint.pipeline.testing.tiny_models import build_tiny_sdxl_pipeline
     from maskmint.schemas.config import ModelConfig
     from maskmint.stages.families import SDXL, resolve_family
 

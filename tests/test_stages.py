@@ -6,8 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from maskmint.pipeline.tiny_model import build_tokenizer
-from maskmint.schemas.config import FilterConfig, MaskConfig, PromptsConfig, RefineConfig
+from maskmint.pipeline.testing.tiny_models import build_tokenizer
+from maskmint.schemas.config import FilterConfig, MaskConfig, RefineConfig
+from maskmint.schemas.prompts import PromptsConfig
 from maskmint.stages.filter import drop_reason
 from maskmint.stages.masks import cover_cells, lab_distance
 from maskmint.stages.prompts import PromptBuilder

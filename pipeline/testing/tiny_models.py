@@ -7,6 +7,7 @@ from a word list, and every network is initialised from a seed.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -138,20 +139,26 @@ def _vae(vae_channels: tuple[int, ...], image_size: int):
     )
 
 
-def build_tiny_pipeline(
-    seed: int = 0,
-    image_size: int = 32,
-    unet_channels: tuple[int, ...] = (32, 64),
-    vae_channels: tuple[int, ...] = (32, 64),
-    text_dim: int = 32,
-    heads: int = 2,
-    words=DEFAULT_WORDS,
-    max_length: int = 77,
-):
+@dataclass(frozen=True)
+class TinyShape:
+    """The sizes of a tiny pipeline (each builder reads the ones its architecture has)."""
+
+    unet_channels: tuple[int, ...] = (32, 64)
+    vae_channels: tuple[int, ...] = (32, 64)
+    text_dim: int = 32
+    heads: int = 2
+    max_length: int = 77  # CLIP
+    t5_length: int = 32
+    layers: int = 2  # double-stream blocks (Flux: and as many single-stream ones)
+
+
+def build_tiny_pipeline(seed: int = 0, image_size: int = 32, words=DEFAULT_WORDS, shape: TinyShape = TinyShape()):
     """A randomly initialised StableDiffusionPipeline; every UNet level has cross-attention."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    unet_channels, vae_channels, text_dim, heads = shape.unet_channels, shape.vae_channels, shape.text_dim, shape.heads
+    max_length = shape.max_length
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(words, max_length)
     text_encoder = CLIPTextModel(_text_config(tokenizer, text_dim, heads, max_length))
@@ -182,21 +189,15 @@ def build_tiny_pipeline(
     )
 
 
-def build_tiny_sdxl_pipeline(
-    seed: int = 0,
-    image_size: int = 32,
-    unet_channels: tuple[int, ...] = (32, 64),
-    vae_channels: tuple[int, ...] = (32, 64),
-    text_dim: int = 32,
-    heads: int = 2,
-    words=DEFAULT_WORDS,
-    max_length: int = 77,
-):
+def build_tiny_sdxl_pipeline(seed: int = 0, image_size: int = 32, words=DEFAULT_WORDS, shape: TinyShape = TinyShape()):
     """A randomly initialised StableDiffusionXLPipeline: two CLIP encoders (the second with a
     projection, for the pooled embedding), their states concatenated for cross-attention,
     and the UNet's size/crop micro-conditioning, as SDXL has them."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet_channels, vae_channels, text_dim, heads = shape.unet_channels, shape.vae_channels, shape.text_dim, shape.heads
+    max_length = shape.max_length
 
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = build_tokenizer(words, max_length), build_tokenizer(words, max_length)
@@ -261,23 +262,15 @@ def _flow_vae(vae_channels: tuple[int, ...], image_size: int, latent_channels: i
     )
 
 
-def build_tiny_sd3_pipeline(
-    seed: int = 0,
-    image_size: int = 32,
-    vae_channels: tuple[int, ...] = (32, 64),
-    text_dim: int = 32,
-    heads: int = 2,
-    words=DEFAULT_WORDS,
-    max_length: int = 77,
-    t5_length: int = 32,
-    layers: int = 2,
-):
+def build_tiny_sd3_pipeline(seed: int = 0, image_size: int = 32, words=DEFAULT_WORDS, shape: TinyShape = TinyShape()):
     """A randomly initialised StableDiffusion3Pipeline: two CLIP encoders with projections and
     a T5 encoder; the joint transformer sees the CLIP states (concatenated on the feature
     axis, zero-padded to T5's width) followed by T5's, as SD3 has them."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
+    vae_channels, text_dim, heads, layers = shape.vae_channels, shape.text_dim, shape.heads, shape.layers
+    max_length, t5_length = shape.max_length, shape.t5_length
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = build_tokenizer(words, max_length), build_tokenizer(words, max_length)
     tokenizer_3 = build_t5_tokenizer(words, t5_length)
@@ -298,24 +291,16 @@ def build_tiny_sd3_pipeline(
     )
 
 
-def build_tiny_flux_pipeline(
-    seed: int = 0,
-    image_size: int = 32,
-    vae_channels: tuple[int, ...] = (32, 64),
-    text_dim: int = 32,
-    heads: int = 2,
-    words=DEFAULT_WORDS,
-    max_length: int = 77,
-    t5_length: int = 32,
-    layers: int = 2,
-    guidance_embeds: bool = False,
-):
+def build_tiny_flux_pipeline(seed: int = 0, image_size: int = 32, words=DEFAULT_WORDS, shape: TinyShape = TinyShape(),
+                             guidance_embeds: bool = False):
     """A randomly initialised FluxPipeline: CLIP gives the pooled vector, T5 the token states the
     joint transformer attends to; latents are packed 2x2 into tokens. `guidance_embeds`
     makes it Flux-dev shaped (distilled guidance), else Flux-schnell shaped."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
+    vae_channels, text_dim, heads, layers = shape.vae_channels, shape.text_dim, shape.heads, shape.layers
+    max_length, t5_length = shape.max_length, shape.t5_length
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = build_tokenizer(words, max_length), build_t5_tokenizer(words, t5_length)
     latent_channels = 4
@@ -347,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=32, help="native image size (default 32)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from maskmint.stages.models import quiet_libraries
+    from maskmint.stages.loading import quiet_libraries
 
     quiet_libraries()
     BUILDERS[args.family](seed=args.seed, image_size=args.size).save_pretrained(args.out)

@@ -16,25 +16,26 @@ what the block computes; they change nothing it returns.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
 from maskmint.schemas.config import CaptureConfig
 from maskmint.schemas.records import ConceptSpan
+from maskmint.stages.capture.store import StepGate, as_grid, tensor_bytes, upsample
 
 
-class ConceptStream:
+class ConceptAttentionStore:
+    """The store of recipe `concept_attention`. `family` says where the double-stream blocks
+    are and how a step's time (and distilled guidance) conditions them."""
+
     def __init__(self, pipe, family, layout, config: CaptureConfig):
         self.pipe, self.family, self.layout, self.config = pipe, family, layout, config
-        self.transformer = getattr(pipe, family.denoiser)
-        self.blocks = [b for b in self.transformer.transformer_blocks if not getattr(b, "context_pre_only", False)]
+        self.transformer = family.denoiser(pipe)
+        self.blocks = family.double_stream_blocks(self.transformer)
         self.read = set(range(len(self.blocks)) if config.blocks is None else config.blocks)
-        self._wanted_steps = None if config.steps is None else set(config.steps)
-        self.active = False
-        self.step = 0
+        self.gate = StepGate(config)
+        self.on_step_end = self.gate.on_step_end
         self.sums: torch.Tensor | None = None  # [B, K, N]: concept x image-token dot products, summed
         self.initial: torch.Tensor | None = None
         self.terms = 0
@@ -66,18 +67,10 @@ class ConceptStream:
         _, self.pooled = self.family.encode_text(self.pipe, self.layout, [" ".join(ws + background) for ws in words])
         self.initial = self.transformer.context_embedder(tokens)
         self.sums, self.terms = None, 0
-        self._set_step(0)
-
-    def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        self._set_step(step + 1)
-        return callback_kwargs
-
-    def _set_step(self, step: int) -> None:
-        self.step = step
-        self.active = self._wanted_steps is None or step in self._wanted_steps
+        self.gate.start()
 
     def end(self) -> None:
-        self.active = False
+        self.gate.stop()
         self.state = None
 
     # -- hooks -----------------------------------------------------------------------------
@@ -85,16 +78,14 @@ class ConceptStream:
         """A denoiser call begins: the concepts start again from their embedding, with this step's
         time (and distilled guidance) conditioning and the concepts' own pooled text."""
         self.state = None
-        if not self.active:
+        if not self.gate.active:
             return None
         batch = self.initial.shape[0]
-        timestep = kwargs["timestep"][-batch:].to(self.initial.dtype) * self.family.timestep_scale
         guidance = kwargs.get("guidance")
-        embed = self.transformer.time_text_embed
-        if guidance is not None:
-            self.temb = embed(timestep, guidance[-batch:].to(self.initial.dtype) * self.family.timestep_scale, self.pooled)
-        else:
-            self.temb = embed(timestep, self.pooled)
+        self.temb = self.family.time_embedding(
+            self.transformer, kwargs["timestep"][-batch:].to(self.initial.dtype), self.pooled,
+            None if guidance is None else guidance[-batch:].to(self.initial.dtype),
+        )
         self.state = self.initial
         return None
 
@@ -128,7 +119,7 @@ class ConceptStream:
         keep = torch.cat([self.valid, torch.ones(batch, image_key.shape[2], dtype=torch.bool, device=key.device)], 1)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep[:, None, None, :])
         concept_out = attn.to_add_out(out.transpose(1, 2).flatten(2).to(query.dtype))
-        if self.active and index in self.read:
+        if self.gate.active and index in self.read:
             dots = torch.einsum("bkd,bnd->bkn", concept_out.float(), image_out.float())
             self.sums = dots if self.sums is None else self.sums.add_(dots)
             self.terms += 1
@@ -139,18 +130,14 @@ class ConceptStream:
 
     def held_bytes(self) -> int:
         """The map accumulator and the concept tokens: constant in the number of steps."""
-        held = [t for t in (self.sums, self.initial) if t is not None]
-        return sum(t.numel() * t.element_size() for t in held)
+        return tensor_bytes(self.sums, self.initial)
 
     # -- result ----------------------------------------------------------------------------
-    def heatmaps(self, token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, C, h, w] at latent size: each object's share of the softmax over the sample's concepts."""
+    def heatmaps(self, token_weights: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] at latent size: each object's share of the softmax over the sample's
+        concepts (a concept is one token here, so token_weights are not needed)."""
         if self.sums is None:
             raise RuntimeError("no concept attention was read: check capture.steps and capture.blocks")
         logits = (self.sums / self.terms).masked_fill(~self.valid[..., None], float("-inf"))
         probs = logits.softmax(dim=1)[:, : self.objects]  # background concepts compete, then drop out
-        height, width = self.latent_hw
-        tokens = probs.shape[-1]
-        rows = round(height / math.sqrt(height * width / tokens))
-        grid = probs.reshape(*probs.shape[:2], rows, tokens // rows)
-        return F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False).clamp_(0, 1)
+        return upsample(as_grid(probs, self.latent_hw), self.latent_hw).clamp_(max=1)

@@ -1,0 +1,109 @@
+"""What every family's loading shares: device and dtype choice, quiet libraries, reading a
+model's config files (folder, single file's config, or hub id), and the weights' fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from maskmint.schemas.config import ModelConfig
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model could not be loaded; the message says which and why."""
+
+
+def quiet_libraries() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def is_single_file(location: str) -> bool:
+    return Path(location).is_file()
+
+
+def config_source(config: ModelConfig) -> str:
+    """Where the configs and tokenizer are: the model folder or hub id, or for a single-file
+    checkpoint its single_file_config."""
+    source = config.single_file_config if is_single_file(config.path) else config.path
+    if source is None:
+        raise ModelLoadError("model.single_file_config: needed to find the configs and tokenizer of a single-file checkpoint")
+    return source
+
+
+def read_model_json(source: str, name: str) -> dict:
+    """A JSON file of a model folder or hub id (from the hub cache when offline)."""
+    path = Path(source) / name
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(source, name))
+    return json.loads(path.read_text())
+
+
+def load_failure(role: str, location: str, error: BaseException) -> ModelLoadError:
+    """One line naming the config field, the location and the loader's own first line."""
+    return ModelLoadError(f"model.{role}: cannot load '{location}': {error}".splitlines()[0])
+
+
+FINGERPRINT_EDGE_BYTES = 1 << 16
+SMALL_FILE_BYTES = 1 << 20
+
+
+def _file_fingerprint(path: Path, digest) -> None:
+    # Configs and tokenizer files whole; weights by size and their first and last 64 KiB
+    # (the safetensors header, the last tensors): cheap on a network mount, and it changes
+    # when the weights are replaced or retrained.
+    size = path.stat().st_size
+    digest.update(f"{size}:".encode())
+    with open(path, "rb") as handle:
+        if size <= SMALL_FILE_BYTES:
+            digest.update(handle.read())
+            return
+        digest.update(handle.read(FINGERPRINT_EDGE_BYTES))
+        handle.seek(size - FINGERPRINT_EDGE_BYTES)
+        digest.update(handle.read())
+
+
+def model_fingerprint(config: ModelConfig) -> str:
+    """What the configured weights are, independent of where they sit (hub ids stand for themselves)."""
+    digest = hashlib.sha256()
+    for role in ("path", "inpaint_path", "single_file_config"):
+        location = getattr(config, role)
+        digest.update(f"|{role}=".encode())
+        if location is None:
+            continue
+        path = Path(location)
+        if path.is_file():
+            _file_fingerprint(path, digest)
+        elif path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                digest.update(f"{file.relative_to(path).as_posix()}:".encode())
+                _file_fingerprint(file, digest)
+        else:
+            digest.update(f"hub:{location}".encode())
+    return digest.hexdigest()[:16]
