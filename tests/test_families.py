@@ -177,3 +177,16 @@ def test_the_shipped_tiny_family_configs_run(tmp_path, family):
     assert launch.main(["run", "--config", str(tmp_path / "configs" / f"tiny-{family}.yaml"), "--out", str(out),
                         "--executor", "local", "--quiet"]) == 0
     assert audit(out) == []
+
+
+def test_the_base_unet_blends_latents_so_removal_encodes_nothing(sdxl_pipe):
+    """With a 4-channel UNet removal starts from generation's latents: plan counts no encode
+    (and the family contract test holds the run to what plan counts)."""
+    from maskmint.pipeline.testing.tiny_models import build_tiny_pipeline
+
+    for family, pipe in ((SD, build_tiny_pipeline(seed=0, image_size=32)), (SDXL, sdxl_pipe)):
+        assert family.reuses_generation_latents(pipe.unet.config)
+        assert family.removal_encodes(pipe.unet.config, prefill=False) == 0
+        assert family.removal_encodes(pipe.unet.config, prefill=True) == 2
+        nine = {**pipe.unet.config, "in_channels": 9}  # a dedicated inpainting UNet takes the masked image too
+        assert not family.reuses_generation_latents(nine) and family.removal_encodes(nine, prefill=False) == 2

@@ -145,3 +145,27 @@ def test_the_config_checks_accept_the_tiny_model_and_tile_its_size(tiny, config_
     height, width = pipeline_image_size(pipe, config.generation)
     tile = pipe.vae_scale_factor * family.denoiser_levels(family.denoiser(pipe).config)
     assert height % tile == 0 and width % tile == 0
+
+
+@pytest.mark.parametrize("prefill", [False, True])
+def test_removal_encodes_as_often_as_the_family_says(tiny, config_dict, tmp_path, prefill):
+    """What plan counts is what removal does: latent blending reuses generation's latents
+    (no encode), every other path encodes as many images as `removal_encodes` says."""
+    from collections import defaultdict
+
+    from maskmint.pipeline.worker import ShardWorker, as_columns
+
+    family, pipe, folder = tiny
+    data = {**config_dict, "model": {"path": str(folder)}, "removal": {"steps": 2, "prefill": prefill},
+            "generation": {"steps": 2, "batch_size": 1}, "mask": {"tau": 0.01, "min_area": 0.0}}
+    worker = ShardWorker(parse_config(data), tmp_path, pipe=pipe)
+    calls = []
+    encode = pipe.vae.encode
+    pipe.vae.encode = lambda *args, **kwargs: calls.append(1) or encode(*args, **kwargs)
+    try:
+        out = worker.model_stages(as_columns([worker.plan.sample(0)]), defaultdict(float))
+    finally:
+        del pipe.vae.encode
+        worker.close()
+    assert out["weak_mask"].any()  # removal ran
+    assert len(calls) == family.removal_encodes(family.denoiser(worker.remove.pipe).config, prefill)

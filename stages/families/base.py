@@ -89,8 +89,9 @@ class Family:
         return False
 
     def removal_encodes(self, inpaint_denoiser_config, prefill: bool) -> int:
-        """VAE encodes removal makes per sample (for plan's cost)."""
-        return 1
+        """VAE encodes removal makes per sample (for plan's cost): diffusers' inpainting
+        pipelines encode the image and the masked image."""
+        return 2
 
     # -- text --------------------------------------------------------------------------------
     def text_layout(self, tokenizers: Mapping[str, Any]) -> TextLayout:

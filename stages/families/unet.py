@@ -53,7 +53,7 @@ class UNetFamily(Family):
     def removal_encodes(self, inpaint_denoiser_config, prefill: bool) -> int:
         if self.reuses_generation_latents(inpaint_denoiser_config) and not prefill:
             return 0
-        return 2  # diffusers' inpainting pipeline encodes the image and the masked image
+        return super().removal_encodes(inpaint_denoiser_config, prefill)
 
     # -- capture -----------------------------------------------------------------------------
     def recipes(self):
