@@ -52,6 +52,7 @@ class Plan:
             negative_prompt=self.config.prompts.negative_prompt,
             background_negative_prompt=background_negative,
             concepts=concepts,
+            image=self.builder.image_of(index),
         )
 
     def shard(self, shard: int) -> list[PlannedSample]:

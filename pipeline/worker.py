@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -19,6 +20,7 @@ from maskmint.pipeline.rundir import RunDir
 from maskmint.pipeline.testing.faults import injected_fault
 from maskmint.schemas.config import RunConfig
 from maskmint.schemas.records import BatchDone, PlannedSample, SampleMetadata, ShardStats, ShardWritten
+from maskmint.stages.annotate import Annotate
 from maskmint.stages.filter import Filter
 from maskmint.stages.generate import Generate
 from maskmint.stages.loading import pick_device, pick_dtype
@@ -44,7 +46,20 @@ def as_columns(samples: list[PlannedSample]) -> dict:
         "background_prompt": [s.background_prompt for s in samples],
         "background_negative_prompt": [s.background_negative_prompt for s in samples],
         "concepts": [s.concepts for s in samples],
+        "image_path": [s.image for s in samples],
     }
+
+
+def mini_batches(samples: list[PlannedSample], size: int) -> Iterator[list[PlannedSample]]:
+    """Consecutive runs of at most `size` samples of one source (generated, or real images)."""
+    batch: list[PlannedSample] = []
+    for sample in samples:
+        if batch and (len(batch) == size or (batch[0].image is None) != (sample.image is None)):
+            yield batch
+            batch = []
+        batch.append(sample)
+    if batch:
+        yield batch
 
 
 def mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
@@ -75,6 +90,7 @@ class ShardWorker:
         self.parameters = config.model_dump(
             mode="json", include={"generation", "capture", "mask", "removal", "refine", "filter"}
         )
+        self.annotated_parameters = {**self.parameters, "annotate": config.annotate.model_dump(mode="json")}
         self.identity = {"host": socket.gethostname(), "pid": str(os.getpid()), "device": str(device)}
         if run_token is not None:
             self.identity["run"] = run_token
@@ -84,13 +100,12 @@ class ShardWorker:
         samples = self.plan.shard(shard)
         seconds: dict[str, float] = defaultdict(float)
         finishing = []
-        for start in range(0, len(samples), self.config.generation.batch_size):
+        for number, planned in enumerate(mini_batches(samples, self.config.generation.batch_size)):
             self.fence.check()  # a taken-over run stops within one mini-batch
-            planned = samples[start : start + self.config.generation.batch_size]
             batch = self.model_stages(as_columns(planned), seconds)
             # CPU stages run beside the next batch's generation.
             finishing.append(self.cpu.submit(self._finish, planned, batch))
-            if start == 0:
+            if number == 0:
                 injected_fault(shard, self.rundir.root)
             yield BatchDone(len(planned))
 
@@ -120,9 +135,17 @@ class ShardWorker:
             )
         yield ShardWritten(stats)
 
+    @functools.cached_property
+    def annotate(self) -> Annotate:
+        """Built on the first real image: it shares the generator's components and capture."""
+        generate = self.generate
+        return Annotate(generate.pipe, generate.family, generate.layout, generate.store,
+                        (generate.height, generate.width), self.config.annotate, self.config.capture)
+
     def model_stages(self, batch: dict, seconds: dict[str, float]) -> dict:
-        """generate (with capture) -> weak mask -> remove: the stages that use the model."""
-        self._apply(batch, seconds, ("generate", self.generate), ("weak_mask", self.weak_mask), ("remove", self.remove))
+        """generate (with capture), or annotate for real images -> weak mask -> remove: the stages that use the model."""
+        first = ("annotate", self.annotate) if batch["image_path"][0] is not None else ("generate", self.generate)
+        self._apply(batch, seconds, first, ("weak_mask", self.weak_mask), ("remove", self.remove))
         batch.pop("latents", None)  # device memory; the CPU stages do not need it
         return batch
 
@@ -160,8 +183,9 @@ class ShardWorker:
                     model=self.config.model.path,
                     width=width,
                     height=height,
-                    parameters=self.parameters,
+                    parameters=self.parameters if sample.image is None else self.annotated_parameters,
                     quality=quality,
+                    source=batch["source"][i] if "source" in batch else None,
                 )
                 encoded.append(
                     encode_sample(

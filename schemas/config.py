@@ -17,7 +17,7 @@ from pydantic import (
 
 SCHEMA_VERSION = 1
 from maskmint.schemas.base import ConfigError, Section, format_error, resolve_model_location
-from maskmint.schemas.prompts import PromptsConfig
+from maskmint.schemas.prompts import PromptsConfig, images_signature
 
 # The values a user picks from, each listed here once. The registries that implement them
 # (stages/families, the families' capture recipes, pipeline/executors, pipeline/export) are
@@ -170,6 +170,24 @@ class RemovalConfig(Section):
         return self
 
 
+class AnnotateConfig(Section):
+    """How attention is read from a real image: its clean latent noised and denoised with its
+    caption. Unset values take the family's defaults (see the README's annotate section)."""
+
+    steps: int | None = Field(default=None, ge=1, le=1000, description="the noise schedule's steps")
+    strength: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="the last steps x strength steps of the schedule are run from the image"
+    )
+    guidance_scale: float = Field(default=1.0, ge=0.0, description="1: the caption alone, no unconditional batch")
+    fresh_noise: bool = Field(
+        default=True, description="each step starts from the clean latent noised afresh to its level, not from the last step"
+    )
+    fit: Literal["crop", "pad", "stretch"] = Field(
+        default="crop", description="to the model's size: crop (cover, centred), pad (fit, black borders) or stretch"
+    )
+    min_side: int = Field(default=16, ge=1, description="images with a shorter side are dropped (image_too_small)")
+
+
 class RefineConfig(Section):
     delta_e: float = Field(default=12.0, gt=0.0, description="Lab colour distance that counts as 'changed'")
     dilate_px: int = Field(default=6, ge=0, description="how far outside the weak mask the object may reach")
@@ -265,6 +283,7 @@ class RunConfig(Section):
     capture: CaptureConfig = CaptureConfig()
     mask: MaskConfig = MaskConfig()
     removal: RemovalConfig = RemovalConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
     refine: RefineConfig = RefineConfig()
     filter: FilterConfig = FilterConfig()
     output: OutputConfig = OutputConfig()
@@ -315,6 +334,11 @@ class RunConfig(Section):
         content["model_fingerprint"] = model_fingerprint
         if self.prompts.file is not None:
             content["prompts_file_sha256"] = hashlib.sha256(Path(self.prompts.file).read_bytes()).hexdigest()
+            images = images_signature(self.prompts.file)
+            if images:
+                content["images"] = images
+        if "images" not in content:  # annotate settings shape only runs that annotate: the others keep their hash
+            del content["annotate"]
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

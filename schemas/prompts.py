@@ -98,11 +98,20 @@ class LineConcept(Section):
 
 
 class PromptLine(Section):
-    """One line of prompts.file (JSON): {"prompt": ..., "concepts": ["dog", {"word": "puppy", "class": "dog"}]}."""
+    """One line of prompts.file (JSON): {"prompt": ..., "concepts": ["dog", {"word": "puppy", "class": "dog"}]};
+    with "image" the sample annotates that image (relative to the file's folder) instead of
+    generating one, and the prompt may be left to the templates."""
 
-    prompt: str = Field(min_length=1)
+    prompt: str | None = Field(default=None, min_length=1)
     concepts: list[LineConcept] = Field(min_length=1)
     background: str | None = Field(default=None, description="default: the prompt without the concept words")
+    image: str | None = Field(default=None, min_length=1, description="an image to annotate")
+
+    @model_validator(mode="after")
+    def _prompt_or_image(self) -> PromptLine:
+        if self.prompt is None and self.image is None:
+            raise ValueError("prompt: needed unless the line annotates an image")
+        return self
 
 
 class PromptsConfig(Section):
@@ -229,3 +238,31 @@ def find_word(text: str, words: list[str]) -> tuple[int, int] | None:
         if match:
             return match.span()
     return None
+
+
+def images_signature(path: str) -> str:
+    """What the images a prompts file names are: each one's path as written, size and
+    modification time (a stat per image, no read), so a replaced or edited image makes it a
+    different config. "" when no line names an image."""
+    import hashlib
+    import json
+    import os
+
+    digest, folder, any_image = hashlib.sha256(), Path(path).parent, False
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if b'"image"' not in raw:
+                continue
+            try:
+                image = json.loads(raw).get("image")
+            except (ValueError, AttributeError):
+                continue  # planning reports the line
+            if not isinstance(image, str):
+                continue
+            try:
+                stat = os.stat(folder / image)
+                digest.update(f"{image}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{image}\0missing\n".encode())
+            any_image = True
+    return digest.hexdigest()[:16] if any_image else ""

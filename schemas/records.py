@@ -43,6 +43,7 @@ class PlannedSample(Record):
     negative_prompt: str
     background_negative_prompt: str
     concepts: list[ConceptSpan]
+    image: str | None = Field(default=None, description="the real image this sample annotates (absolute path)")
 
 
 class SampleMetadata(Record):
@@ -60,6 +61,7 @@ class SampleMetadata(Record):
     height: int
     parameters: dict = Field(description="stage parameters that shaped this sample")
     quality: dict[str, float] = Field(description="per-sample scores: mask fraction, components, agreement ...")
+    source: dict | None = Field(default=None, description="an annotated image: its path and sha256")
 
 
 class ShardStats(Record):

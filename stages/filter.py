@@ -34,8 +34,9 @@ class Filter:
         self.config = config
 
     def __call__(self, batch: dict) -> dict:
+        unusable = batch.get("source_drop") or [None] * len(batch["image"])  # a real image that could not be read
         reasons = [
-            drop_reason(image, finite, quality, self.config)
-            for image, finite, quality in zip(batch["image"], batch["finite"], batch["quality"])
+            before or drop_reason(image, finite, quality, self.config)
+            for before, image, finite, quality in zip(unusable, batch["image"], batch["finite"], batch["quality"])
         ]
         return {"drop": reasons}

@@ -7,29 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from maskmint.schemas.config import CaptureConfig, GenerationConfig
-from maskmint.schemas.records import ConceptSpan
 from maskmint.stages.families import family_of_pipeline
 from maskmint.stages.models import pipeline_image_size
-from maskmint.stages.tokens import TextLayout
+from maskmint.stages.tokens import TextLayout, token_slots
 
 # Inductor generates kernels; tests swap in "eager" to check tracing without the codegen wait.
 COMPILE_BACKEND = "inductor"
-
-
-def token_slots(concepts: list[list[ConceptSpan]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """token_index [B, T] and weights [B, C, T] so each concept averages its own tokens."""
-    slots = max(sum(len(c.token_positions) for c in spans) for spans in concepts)
-    n_concepts = max(len(spans) for spans in concepts)
-    index = torch.zeros(len(concepts), slots, dtype=torch.long)
-    weights = torch.zeros(len(concepts), n_concepts, slots)
-    for b, spans in enumerate(concepts):
-        t = 0
-        for c, span in enumerate(spans):
-            for position in span.token_positions:
-                index[b, t] = position
-                weights[b, c, t] = 1.0 / len(span.token_positions)
-                t += 1
-    return index, weights
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
 import numpy as np
 
 from pydantic import ValidationError
@@ -191,15 +193,37 @@ class PromptBuilder:
                         except PromptError as error:
                             raise PromptError(f"{where}: {error}") from None
 
-    def from_line(self, i: int) -> Rendered:
+    def _line(self, i: int) -> tuple[str, PromptLine]:
         number, text = self.lines.read(i)
         where = f"prompts.file line {number}"
         try:
-            line = PromptLine.model_validate_json(text)
+            return where, PromptLine.model_validate_json(text)
         except ValidationError as error:
             problem = error.errors()[0]
-            field = ".".join(str(p) for p in problem["loc"]) or "line"
-            raise PromptError(f"{where}: {field}: {problem['msg']}") from None
+            message = problem["msg"].removeprefix("Value error, ")
+            field = ".".join(str(p) for p in problem["loc"])
+            if not field and not re.match(r"^[a-z_]+: ", message):  # a check across fields names its field
+                field = "line"
+            raise PromptError(f"{where}: {field + ': ' if field else ''}{message}") from None
+
+    def image_of(self, index: int) -> str | None:
+        """The image sample `index` annotates (an absolute path), or None: it is generated."""
+        if self.lines is None:
+            return None
+        where, line = self._line(index % len(self.lines))
+        if line.image is None:
+            return None
+        path = (Path(self.lines.path).parent / line.image).resolve()
+        if not path.is_file():
+            raise PromptError(f"{where}: image '{line.image}' is not a file (paths are relative to the prompts file)")
+        return str(path)
+
+    def from_line(self, i: int) -> Rendered:
+        where, line = self._line(i)
+        if line.image is not None:
+            self.image_of(i)  # a missing image is a planning error naming the line
+        if line.prompt is None:  # an image with its classes only: the templates caption it
+            return self._caption(where, line, np.random.default_rng(i))
         found = []
         for item in line.concepts:
             concept = self._class_of(item.class_)
@@ -211,6 +235,27 @@ class PromptBuilder:
             found.append((concept, span))
         try:
             return self._render(line.prompt, found, line.background)
+        except PromptError as error:
+            raise PromptError(f"{where}: {error}") from None
+
+    def _caption(self, where: str, line: PromptLine, rng: np.random.Generator) -> Rendered:
+        """A prompt for an image's classes from the templates that name that many concepts."""
+        chosen = []
+        for item in line.concepts:
+            concept = self._class_of(item.class_)
+            if concept is None:
+                raise PromptError(f"{where}: class {item.class_!r} is not one of the run's classes")
+            chosen.append(concept)
+        choices = self._choices(self.config.concepts.index(chosen[0]), len(chosen))
+        if not choices:
+            raise PromptError(f"{where}: no template names {len(chosen)} concept(s); give the line a prompt")
+        template, background, _ = choices[int(rng.integers(len(choices)))]
+        fills = {name: options[int(rng.integers(len(options)))] for name, options in sorted(self.config.fillers.items())}
+        if len(chosen) > 1:
+            fills |= self._suffixed_fills(template, background, fills, rng)
+        words = [item.word for item in line.concepts]
+        try:
+            return self._from_template(chosen, template, line.background or background, fills, words)
         except PromptError as error:
             raise PromptError(f"{where}: {error}") from None
 

@@ -12,6 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from maskmint.schemas.records import ConceptSpan
+
 
 class PromptError(ValueError):
     """A prompt the model cannot take (e.g. the concept falls past the token limit)."""
@@ -59,3 +63,19 @@ class TextLayout:
                 raise PromptError(f"'{prompt}': concept falls outside the first {self.room} tokens")
             found += [segment.offset + i for i in hits]
         return found
+
+
+def token_slots(concepts: list[list[ConceptSpan]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_index [B, T] and weights [B, C, T] so each concept averages its own tokens."""
+    slots = max(sum(len(c.token_positions) for c in spans) for spans in concepts)
+    n_concepts = max(len(spans) for spans in concepts)
+    index = torch.zeros(len(concepts), slots, dtype=torch.long)
+    weights = torch.zeros(len(concepts), n_concepts, slots)
+    for b, spans in enumerate(concepts):
+        t = 0
+        for c, span in enumerate(spans):
+            for position in span.token_positions:
+                index[b, t] = position
+                weights[b, c, t] = 1.0 / len(span.token_positions)
+                t += 1
+    return index, weights

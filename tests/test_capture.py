@@ -14,7 +14,8 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from maskmint.pipeline.testing.tiny_models import TinyShape, build_tiny_pipeline
 from maskmint.schemas.config import CaptureConfig, GenerationConfig, load_config
 from maskmint.schemas.records import ConceptSpan
-from maskmint.stages.generate import Generate, to_uint8, token_slots
+from maskmint.stages.generate import Generate, to_uint8
+from maskmint.stages.tokens import token_slots
 from tests.conftest import TEST_IMAGE_SIZE
 
 STEPS = 4

@@ -20,7 +20,8 @@ from maskmint.pipeline.testing.tiny_models import BUILDERS
 from maskmint.schemas.config import CaptureConfig, GenerationConfig, ModelConfig
 from maskmint.schemas.records import ConceptSpan
 from maskmint.stages.families import FLUX, SD3, family_of_pipeline, resolve_family
-from maskmint.stages.generate import Generate, decode, to_uint8, token_slots
+from maskmint.stages.generate import Generate, decode, to_uint8
+from maskmint.stages.tokens import token_slots
 from tests.conftest import TEST_IMAGE_SIZE
 from tests.test_capture import STEPS, reference_heatmaps
 

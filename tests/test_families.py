@@ -17,7 +17,8 @@ from bench.chaos import audit
 from maskmint.pipeline.testing.tiny_models import build_tiny_sdxl_pipeline
 from maskmint.schemas.config import CaptureConfig, GenerationConfig, ModelConfig
 from maskmint.stages.families import FLUX, SD, SD3, SDXL, UnsupportedModel, resolve_family
-from maskmint.stages.generate import Generate, to_uint8, token_slots
+from maskmint.stages.generate import Generate, to_uint8
+from maskmint.stages.tokens import token_slots
 from tests.conftest import TEST_IMAGE_SIZE
 from tests.test_capture import STEPS, StoringProcessor, _batch, _generate_plain, reference_heatmaps
 

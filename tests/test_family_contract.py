@@ -15,7 +15,8 @@ from maskmint.schemas.config import CaptureConfig, GenerationConfig, ModelConfig
 from maskmint.schemas.records import ConceptSpan
 from maskmint.stages.capture.store import CaptureStore
 from maskmint.stages.families import FAMILIES, family_of_pipeline, resolve_family
-from maskmint.stages.generate import Generate, token_slots
+from maskmint.stages.generate import Generate
+from maskmint.stages.tokens import token_slots
 from maskmint.stages.loading import ModelLoadError
 from maskmint.stages.models import check_before_loading, load_inpainting, pipeline_image_size
 from tests.conftest import TEST_IMAGE_SIZE

@@ -343,3 +343,47 @@ def test_tar_members_are_what_the_json_says(whole_run):
         with tarfile.open(RunDir(out).tar_path(stats.shard)) as tar:
             assert {n.partition(".")[0] for n in tar.getnames()} == set(stats.written)
         assert stats.tar_bytes == RunDir(out).tar_path(stats.shard).stat().st_size
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+
+class CountedProgress:
+    def __init__(self):
+        self.counts, self.failures = [], []
+
+    def samples(self, count):
+        self.counts.append(count)
+
+    def failure(self, shard, error, final):
+        self.failures.append((shard, final))
+
+    def note(self, text):
+        pass
+
+
+def test_a_retried_shard_takes_back_its_counted_samples(small, tmp_path, monkeypatch):
+    """The bar counts each planned sample once however often its shard is tried: a failed
+    attempt's mini-batches are taken back before the retry counts them again."""
+    from maskmint.pipeline import worker as worker_module
+    from maskmint.pipeline.executors import run_local
+    from maskmint.schemas.config import parse_config
+
+    data = copy.deepcopy(small)
+    data["generation"]["batch_size"] = 1  # two mini-batches per shard, both counted before the write
+    data["execution"] = {**data["execution"], "max_attempts": 2}
+    RunDir(tmp_path).create()
+    write, failed_once = worker_module.write_shard, []
+
+    def write_failing_shard_1_once(tar_path, *args, **kwargs):
+        if tar_path.name == "000001.tar" and not failed_once:
+            failed_once.append(1)
+            raise RuntimeError("the disk hiccuped")
+        return write(tar_path, *args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "write_shard", write_failing_shard_1_once)
+    progress = CountedProgress()
+    assert run_local(parse_config(data), tmp_path, [0, 1, 2], progress) == {}
+    assert progress.failures == [(1, False)]
+    assert -2 in progress.counts  # the failed attempt's two mini-batches, taken back
+    assert sum(progress.counts) == 6

@@ -29,6 +29,10 @@ class Family:
     text_to_image: ClassVar[str]  # diffusers class that generates (and model_index.json's `_class_name`)
     also_known_as: ClassVar[tuple[str, ...]] = ()  # other `_class_name` values that load as this family
     inpainting: ClassVar[str]  # diffusers class that removes, built from the generator's components
+    image_to_image: ClassVar[str]  # diffusers class that denoises a real image's latents (annotate)
+    # annotate's default schedule: `steps`, of which the last steps x strength are run from the image
+    annotate_steps: ClassVar[int]
+    annotate_strength: ClassVar[float]
     load_kwargs: ClassVar[dict] = {}
     single_file_kwargs: ClassVar[dict] = {}
     inpainting_kwargs: ClassVar[dict] = {}
@@ -79,6 +83,19 @@ class Family:
 
     def inpainting_components(self, base, config: ModelConfig) -> dict:
         return dict(base.components)
+
+    def load_image_to_image(self, base):
+        """The image-to-image pipeline sharing the base model's components."""
+        import diffusers
+
+        pipe = getattr(diffusers, self.image_to_image).from_pipe(base, **self.inpainting_kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def renoise(self, pipe, clean, noise, timestep):
+        """The clean latents noised to the level of `timestep` (a [1] tensor from the schedule
+        the pipeline is running), as its scheduler noises."""
+        raise NotImplementedError
 
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_component)

@@ -15,6 +15,7 @@ class Flux(MMDiTFamily):
     name = "flux"
     text_to_image = "FluxPipeline"
     inpainting = "FluxInpaintPipeline"
+    image_to_image = "FluxImg2ImgPipeline"
     single_file_marker = "double_blocks."
     denoiser_class = "FluxTransformer2DModel"
     text_tokenizers = (("tokenizer_2", 512),)

@@ -29,6 +29,15 @@ class MMDiTFamily(Family):
                                  device=pipe.device, **self.encode_kwargs)
         return out[0], out[self.pooled_output]
 
+    # ConceptAttention's setting for Flux: the image noised to step 2 of 4 (SD3: the same share)
+    annotate_steps: ClassVar[int] = 4
+    annotate_strength: ClassVar[float] = 0.5
+
+    def renoise(self, pipe, clean, noise, timestep):
+        # flow matching: the pipeline has set the scheduler's begin index, so the level is
+        # that of its current step (the next one, at a step's end)
+        return pipe.scheduler.scale_noise(clean, timestep, noise)
+
     def joint_processor(self):
         """The attention processor class that computes this family's joint attention and
         hands the image-query x text-key block to the `cross` store."""

@@ -12,6 +12,7 @@ class StableDiffusion3(MMDiTFamily):
     name = "sd3"
     text_to_image = "StableDiffusion3Pipeline"
     inpainting = "StableDiffusion3InpaintPipeline"
+    image_to_image = "StableDiffusion3Img2ImgPipeline"
     single_file_marker = "joint_blocks."
     denoiser_class = "SD3Transformer2DModel"
     text_tokenizers = (("tokenizer", None), ("tokenizer_3", 256))  # the pipeline's default T5 length

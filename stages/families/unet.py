@@ -20,6 +20,12 @@ class UNetFamily(Family):
     denoiser_component: ClassVar[str] = "unet"
     denoiser_class: ClassVar[str] = "UNet2DConditionModel"
     refines_with_self_attention: ClassVar[bool] = True
+    # the concept-distillation recipe (FG/BG): the last 40 of 50 steps, from t of about 781
+    annotate_steps: ClassVar[int] = 50
+    annotate_strength: ClassVar[float] = 0.8
+
+    def renoise(self, pipe, clean, noise, timestep):
+        return pipe.scheduler.add_noise(clean, noise, timestep)
 
     def encode_text(self, pipe, layout, texts: list[str]):
         out = pipe.encode_prompt(prompt=texts, device=pipe.device, num_images_per_prompt=1,
@@ -109,6 +115,7 @@ class StableDiffusion(UNetFamily):
     name = "sd"
     text_to_image = "StableDiffusionPipeline"
     inpainting = "StableDiffusionInpaintPipeline"
+    image_to_image = "StableDiffusionImg2ImgPipeline"
     # diffusers loads the safety checker unless it is None, and fetches its feature
     # extractor from the hub for single files unless that is None too
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
@@ -120,6 +127,7 @@ class StableDiffusionXL(UNetFamily):
     name = "sdxl"
     text_to_image = "StableDiffusionXLPipeline"
     inpainting = "StableDiffusionXLInpaintPipeline"
+    image_to_image = "StableDiffusionXLImg2ImgPipeline"
     # an installed invisible-watermark package would otherwise mark images and backgrounds
     load_kwargs = {"add_watermarker": False}
     inpainting_kwargs = {"add_watermarker": False}

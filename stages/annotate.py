@@ -1,0 +1,158 @@
+"""Annotate: a real image in, the same columns generate gives out.
+
+The image is read (EXIF rotation applied; palette, alpha, CMYK, grey and 16-bit converted to
+8-bit RGB), fitted to the model's size, and VAE-encoded through its family. Its clean latent
+is noised to a level of the schedule and denoised with the caption by the family's
+image-to-image pipeline while the capture store reads attention; with `fresh_noise` each
+step starts again from the clean latent noised afresh to that step's level (the
+concept-distillation recipe), so every step reads the image, not the previous step's guess.
+The stored image is the input as fitted; removal starts from its clean latent.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from maskmint.schemas.config import AnnotateConfig, CaptureConfig
+from maskmint.stages.durable import file_sha256
+from maskmint.stages.tokens import token_slots
+
+Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # larger is refused (image_too_large), not decoded
+
+
+def as_rgb(image: Image.Image) -> np.ndarray:
+    """8-bit RGB of any mode PIL reads: 16-bit grey scaled down, transparency over black."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        grey = np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(canvas, image)
+    return np.asarray(image.convert("RGB"))
+
+
+def fit(image: np.ndarray, height: int, width: int, how: str) -> np.ndarray:
+    """The image at (height, width): cover and centre-crop, fit and pad with black, or stretch."""
+    rows, cols = image.shape[:2]
+    if how == "stretch":
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    scale = (max if how == "crop" else min)(height / rows, width / cols)
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    if how == "crop":
+        top, left = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
+        return resized[top : top + height, left : left + width]
+    canvas = np.zeros((height, width, 3), np.uint8)
+    top, left = (height - resized.shape[0]) // 2, (width - resized.shape[1]) // 2
+    canvas[top : top + resized.shape[0], left : left + resized.shape[1]] = resized
+    return canvas
+
+
+def read_image(path: str, height: int, width: int, config: AnnotateConfig) -> tuple[np.ndarray | None, str | None]:
+    """(uint8 [height, width, 3], None), or (None, the reason it cannot be used)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.draft("RGB", (width * 2, height * 2))  # a huge JPEG decodes at a fraction of its size
+                image = ImageOps.exif_transpose(opened)
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, "image_too_large"
+    except (OSError, SyntaxError, ValueError):
+        return None, "unreadable_image"  # missing, empty, truncated, or not an image
+    if min(image.size) < config.min_side:
+        return None, "image_too_small"
+    return fit(as_rgb(image), height, width, config.fit), None
+
+
+class Annotate:
+    """Batch stage: `image_path` -> `image`, `heatmap`, `finite`, `latents` as generate gives
+    them, plus `source_drop` (a reason, or None) and `source` (path and digest)."""
+
+    def __init__(self, pipe, family, layout, store, size: tuple[int, int], config: AnnotateConfig,
+                 capture: CaptureConfig):
+        self.pipe, self.family, self.layout, self.store = pipe, family, layout, store
+        self.image_to_image = family.load_image_to_image(pipe)
+        self.height, self.width = size
+        self.config = config
+        self.steps = config.steps or family.annotate_steps
+        self.strength = config.strength or family.annotate_strength
+
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 NHWC -> clean latents as the denoiser takes them."""
+        vae = self.pipe.vae
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).to(self.pipe.device, torch.float32) / 127.5 - 1
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            encoded = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        dtype = self.family.denoiser(self.pipe).dtype
+        return self.family.latents_from_vae(self.pipe, encoded.to(dtype), self.height, self.width)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict) -> dict:
+        read = [read_image(path, self.height, self.width, self.config) for path in batch["image_path"]]
+        images = np.stack([image if image is not None else np.zeros((self.height, self.width, 3), np.uint8)
+                           for image, _ in read])
+        device = self.pipe.device
+        clean = self.encode(images)
+        generators = [torch.Generator(device).manual_seed(int(seed)) for seed in batch["seed"]]
+        index, weights = token_slots(batch["concepts"])
+        latent_hw = (self.height // self.pipe.vae_scale_factor, self.width // self.pipe.vae_scale_factor)
+        self.store.begin(batch["concepts"], index.to(device), latent_hw)
+        try:
+            self.image_to_image(
+                **self.family.prompt_kwargs(self.layout, list(batch["prompt"]), list(batch["negative_prompt"])),
+                image=images.astype(np.float32) / 255.0,
+                strength=self.strength,
+                num_inference_steps=self.steps,
+                guidance_scale=self.config.guidance_scale,
+                height=self.height,
+                width=self.width,
+                generator=generators,
+                output_type="latent",
+                callback_on_step_end=self._on_step_end(clean, generators),
+                callback_on_step_end_tensor_inputs=["latents"],
+            )
+            heat = self.store.heatmaps(weights.to(device))
+        finally:
+            self.store.end()
+        heat = F.interpolate(heat, size=(self.height, self.width), mode="bicubic", align_corners=False).clamp_(min=0)
+        reasons = [reason for _, reason in read]
+        return {
+            "image": images,
+            "heatmap": torch.nan_to_num(heat).float().cpu().numpy(),
+            "finite": torch.isfinite(heat).flatten(1).all(dim=1).cpu().tolist(),
+            "latents": clean,
+            "source_drop": reasons,
+            "source": [{"path": path, "sha256": file_sha256(path) if reason is None else None}
+                       for path, reason in zip(batch["image_path"], reasons)],
+        }
+
+    def _on_step_end(self, clean: torch.Tensor, generators: list[torch.Generator]):
+        def on_step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+            callback_kwargs = self.store.on_step_end(pipe, step, timestep, callback_kwargs)
+            if self.config.fresh_noise:
+                schedule = pipe.scheduler.timesteps
+                at = int((schedule == timestep).nonzero()[0, 0]) if (schedule == timestep).any() else None
+                if at is not None and at + 1 < len(schedule):
+                    noise = torch.stack([torch.randn(clean.shape[1:], generator=g, device=clean.device, dtype=clean.dtype)
+                                         for g in generators])
+                    callback_kwargs["latents"] = self.family.renoise(pipe, clean, noise, schedule[at + 1 : at + 2])
+            return callback_kwargs
+
+        return on_step_end
