@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import string
 from pathlib import Path
@@ -244,10 +247,6 @@ def images_signature(path: str) -> str:
     """What the images a prompts file names are: each one's path as written, size and
     modification time (a stat per image, no read), so a replaced or edited image makes it a
     different config. "" when no line names an image."""
-    import hashlib
-    import json
-    import os
-
     digest, folder, any_image = hashlib.sha256(), Path(path).parent, False
     with open(path, "rb") as handle:
         for raw in handle:

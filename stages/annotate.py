@@ -11,6 +11,8 @@ The stored image is the input as fitted; removal starts from its clean latent.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
 
 import cv2
@@ -20,7 +22,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from maskmint.schemas.config import AnnotateConfig, CaptureConfig
-from maskmint.stages.durable import file_sha256
 from maskmint.stages.tokens import token_slots
 
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # larger is refused (image_too_large), not decoded
@@ -57,19 +58,35 @@ def fit(image: np.ndarray, height: int, width: int, how: str) -> np.ndarray:
     return canvas
 
 
+def read_source(path: str, height: int, width: int, config: AnnotateConfig) -> tuple[np.ndarray | None, str | None, str | None]:
+    """(uint8 [height, width, 3] or None, the reason it cannot be used or None, the file's
+    sha256 or None): the file is read once, for the digest and the decode alike."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None, "unreadable_image", None
+    image, reason = decode_image(data, height, width, config)
+    return image, reason, hashlib.sha256(data).hexdigest() if reason is None else None
+
+
 def read_image(path: str, height: int, width: int, config: AnnotateConfig) -> tuple[np.ndarray | None, str | None]:
     """(uint8 [height, width, 3], None), or (None, the reason it cannot be used)."""
+    return read_source(path, height, width, config)[:2]
+
+
+def decode_image(data: bytes, height: int, width: int, config: AnnotateConfig) -> tuple[np.ndarray | None, str | None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(io.BytesIO(data)) as opened:
                 opened.draft("RGB", (width * 2, height * 2))  # a huge JPEG decodes at a fraction of its size
                 image = ImageOps.exif_transpose(opened)
                 image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None, "image_too_large"
     except (OSError, SyntaxError, ValueError):
-        return None, "unreadable_image"  # missing, empty, truncated, or not an image
+        return None, "unreadable_image"  # empty, truncated, or not an image
     if min(image.size) < config.min_side:
         return None, "image_too_small"
     return fit(as_rgb(image), height, width, config.fit), None
@@ -105,9 +122,9 @@ class Annotate:
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
-        read = [read_image(path, self.height, self.width, self.config) for path in batch["image_path"]]
+        read = [read_source(path, self.height, self.width, self.config) for path in batch["image_path"]]
         images = np.stack([image if image is not None else np.zeros((self.height, self.width, 3), np.uint8)
-                           for image, _ in read])
+                           for image, _, _ in read])
         device = self.pipe.device
         clean = self.encode(images)
         generators = [torch.Generator(device).manual_seed(int(seed)) for seed in batch["seed"]]
@@ -132,15 +149,14 @@ class Annotate:
         finally:
             self.store.end()
         heat = F.interpolate(heat, size=(self.height, self.width), mode="bicubic", align_corners=False).clamp_(min=0)
-        reasons = [reason for _, reason in read]
+        reasons = [reason for _, reason, _ in read]
         return {
             "image": images,
             "heatmap": torch.nan_to_num(heat).float().cpu().numpy(),
             "finite": torch.isfinite(heat).flatten(1).all(dim=1).cpu().tolist(),
             "latents": clean,
             "source_drop": reasons,
-            "source": [{"path": path, "sha256": file_sha256(path) if reason is None else None}
-                       for path, reason in zip(batch["image_path"], reasons)],
+            "source": [{"path": path, "sha256": digest} for path, (_, _, digest) in zip(batch["image_path"], read)],
         }
 
     def _on_step_end(self, clean: torch.Tensor, generators: list[torch.Generator]):
@@ -148,7 +164,8 @@ class Annotate:
             callback_kwargs = self.store.on_step_end(pipe, step, timestep, callback_kwargs)
             if self.config.fresh_noise:
                 schedule = pipe.scheduler.timesteps
-                at = int((schedule == timestep).nonzero()[0, 0]) if (schedule == timestep).any() else None
+                found = (schedule == timestep).nonzero()
+                at = int(found[0, 0]) if len(found) else None
                 if at is not None and at + 1 < len(schedule):
                     noise = torch.stack([torch.randn(clean.shape[1:], generator=g, device=clean.device, dtype=clean.dtype)
                                          for g in generators])

@@ -210,7 +210,9 @@ class PromptBuilder:
         """The image sample `index` annotates (an absolute path), or None: it is generated."""
         if self.lines is None:
             return None
-        where, line = self._line(index % len(self.lines))
+        return self._image(*self._line(index % len(self.lines)))
+
+    def _image(self, where: str, line: PromptLine) -> str | None:
         if line.image is None:
             return None
         path = (Path(self.lines.path).parent / line.image).resolve()
@@ -220,8 +222,7 @@ class PromptBuilder:
 
     def from_line(self, i: int) -> Rendered:
         where, line = self._line(i)
-        if line.image is not None:
-            self.image_of(i)  # a missing image is a planning error naming the line
+        self._image(where, line)  # a missing image is a planning error naming the line
         if line.prompt is None:  # an image with its classes only: the templates caption it
             return self._caption(where, line, np.random.default_rng(i))
         found = []
