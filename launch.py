@@ -1,4 +1,4 @@
-"""maskmint command line: plan, run, inspect, preview, export."""
+"""maskmint command line: plan, run, inspect, preview, export, evaluate."""
 
 from __future__ import annotations
 
@@ -24,13 +24,14 @@ EXECUTION_FLAGS = ("executor", "address", "workers")  # `run` flags that overrid
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from maskmint.pipeline.evaluate import EvaluateError
     from maskmint.pipeline.executors import RunCannotStart
     from maskmint.pipeline.rundir import RunDirError
     from maskmint.schemas.config import ConfigError
     from maskmint.stages.loading import ModelLoadError
     from maskmint.stages.tokens import PromptError
 
-    return ConfigError, RunDirError, ModelLoadError, PromptError, RunCannotStart
+    return ConfigError, RunDirError, ModelLoadError, PromptError, RunCannotStart, EvaluateError
 
 
 def _taken_over() -> type[Exception]:
@@ -177,6 +178,14 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_evaluate(args: argparse.Namespace) -> int:
+    from maskmint.pipeline.evaluate import describe, evaluate
+
+    report = evaluate(args.dir, args.truth, band=args.band)
+    print(json.dumps(report, indent=2) if args.json else "\n".join(describe(report)))
+    return 0
+
+
 def whole_number(minimum: int):
     """argparse type: an integer >= minimum, refused in argparse's own one-line way."""
 
@@ -217,7 +226,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from maskmint.schemas.config import ExecutorName, ExportFormat  # the one list of each (pydantic only)
+    from maskmint.schemas.config import EvaluateBand, ExecutorName, ExportFormat  # the one list of each (pydantic only)
 
     parser = Parser(prog="maskmint", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -259,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="folders: images/ masks/ backgrounds/ metadata/; coco: COCO instances JSON with RLE masks; "
                                "hf: Hugging Face datasets Arrow shards (load_from_disk)")
     exporter.set_defaults(handler=command_export)
+    evaluator = commands.add_parser("evaluate", help="score an annotated run's masks against labelled truth")
+    evaluator.add_argument("dir", type=Path)
+    evaluator.add_argument("--truth", required=True, type=Path,
+                           help="folder of class-index PNGs named like the source images (VOC), or a COCO instances json")
+    evaluator.add_argument("--band", choices=get_args(EvaluateBand), default="background",
+                           help="the masks' 255 pixels: background (default) or ignore (left out of the scores)")
+    evaluator.add_argument("--json", action="store_true", help="machine-readable output")
+    evaluator.set_defaults(handler=command_evaluate)
     return parser
 
 

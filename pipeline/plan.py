@@ -35,7 +35,7 @@ class Plan:
     def __init__(self, config: RunConfig, layout: TextLayout):
         self.config = config
         self.layout = layout
-        self.builder = PromptBuilder(config.prompts, layout)
+        self.builder = PromptBuilder(config.prompts, layout, config.input)
 
     def sample(self, index: int) -> PlannedSample:
         key = sample_key(index)

@@ -126,6 +126,7 @@ class ShardWorker:
             mask=mean_scores(list(qualities.values())),
             scores=qualities,
             classes={s.key: [c.class_id for c in s.concepts] for s in samples},
+            sources={s.key: s.image for s in samples if s.image is not None},
             worker=self.identity,
         )
         with timed(seconds, "write"):

@@ -28,7 +28,7 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
-def _find(value: str, info: ValidationInfo, accept) -> str | None:
+def find_path(value: str, info: ValidationInfo, accept) -> str | None:
     """`value` as an absolute path: itself if absolute, else against the config file's folder,
     then the working directory; None when no candidate passes `accept`."""
     base = Path((info.context or {}).get("base_dir", "."))
@@ -40,7 +40,7 @@ def _find(value: str, info: ValidationInfo, accept) -> str | None:
 def resolve_model_location(value: str | None, info: ValidationInfo) -> str | None:
     if value is None:
         return None
-    found = _find(value, info, Path.exists)
+    found = find_path(value, info, Path.exists)
     if found is not None:
         return found
     if _looks_like_path(value):
@@ -53,7 +53,7 @@ def resolve_input_file(value: str | None, info: ValidationInfo) -> str | None:
     directory); it must exist."""
     if value is None:
         return None
-    found = _find(value, info, Path.is_file)
+    found = find_path(value, info, Path.is_file)
     if found is not None:
         return found
     raise ValueError(f"'{value}' is not a file (relative paths are resolved against the config file's folder)")

@@ -17,7 +17,8 @@ from pydantic import (
 
 SCHEMA_VERSION = 1
 from maskmint.schemas.base import ConfigError, Section, format_error, resolve_model_location
-from maskmint.schemas.prompts import PromptsConfig, images_signature
+from maskmint.schemas.inputs import AnnotateConfig, InputConfig, folder_signature, list_images
+from maskmint.schemas.prompts import MAX_CONCEPTS, PromptsConfig, concept_slots, count_lines, images_signature
 
 # The values a user picks from, each listed here once. The registries that implement them
 # (stages/families, the families' capture recipes, pipeline/executors, pipeline/export) are
@@ -26,6 +27,7 @@ FamilyName = Literal["sd", "sdxl", "sd3", "flux"]
 RecipeName = Literal["cross", "concept_attention"]
 ExecutorName = Literal["ray", "local"]
 ExportFormat = Literal["folders", "coco", "hf"]
+EvaluateBand = Literal["background", "ignore"]  # what evaluate makes of a mask's 255
 SHARE_RECIPES = ("concept_attention",)  # recipes whose maps are already shares of each pixel
 
 
@@ -170,24 +172,6 @@ class RemovalConfig(Section):
         return self
 
 
-class AnnotateConfig(Section):
-    """How attention is read from a real image: its clean latent noised and denoised with its
-    caption. Unset values take the family's defaults (see the README's annotate section)."""
-
-    steps: int | None = Field(default=None, ge=1, le=1000, description="the noise schedule's steps")
-    strength: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="the last steps x strength steps of the schedule are run from the image"
-    )
-    guidance_scale: float = Field(default=1.0, ge=0.0, description="1: the caption alone, no unconditional batch")
-    fresh_noise: bool = Field(
-        default=True, description="each step starts from the clean latent noised afresh to its level, not from the last step"
-    )
-    fit: Literal["crop", "pad", "stretch"] = Field(
-        default="crop", description="to the model's size: crop (cover, centred), pad (fit, black borders) or stretch"
-    )
-    min_side: int = Field(default=16, ge=1, description="images with a shorter side are dropped (image_too_small)")
-
-
 class RefineConfig(Section):
     delta_e: float = Field(default=12.0, gt=0.0, description="Lab colour distance that counts as 'changed'")
     dilate_px: int = Field(default=6, ge=0, description="how far outside the weak mask the object may reach")
@@ -223,8 +207,14 @@ class FilterConfig(Section):
         return self
 
 
+TEMPLATE_SAMPLES = 64  # output.samples when the prompts come from templates
+
+
 class OutputConfig(Section):
-    samples: int = Field(default=64, ge=1)
+    samples: int | None = Field(
+        default=None, ge=1,
+        description=f"default: one per line of prompts.file or image of input.images; {TEMPLATE_SAMPLES} from templates",
+    )
     shard_size: int = Field(default=16, ge=1)
     image_format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = Field(default=95, ge=1, le=100)
@@ -273,12 +263,14 @@ UNET_RUNTIME_ONLY = {"compile", "channels_last"}
 MODEL_LOCATIONS = {"path", "inpaint_path", "single_file_config"}
 # Likewise input files: their content is hashed (the class list is in `concepts`).
 INPUT_FILES = {"concepts_file", "file"}
+INPUT_FOLDERS = {"images"}
 
 
 class RunConfig(Section):
     name: str = "maskmint-run"
     model: ModelConfig
     prompts: PromptsConfig
+    input: InputConfig = InputConfig()
     generation: GenerationConfig = GenerationConfig()
     capture: CaptureConfig = CaptureConfig()
     mask: MaskConfig = MaskConfig()
@@ -295,6 +287,35 @@ class RunConfig(Section):
 
     def class_names(self) -> dict[int, str]:
         return {c.class_id: c.name for c in self.prompts.concepts}
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RunConfig:
+        """Images from one place, each with classes a template can caption; the sample count
+        defaulting to one per line or image."""
+        if self.input.images is not None:
+            if self.prompts.file is not None:
+                raise ValueError("input.images: give the images by input.images or by prompts.file lines, not both")
+            count = len(self.prompts.concepts)
+            if self.input.classes == "all" and count > MAX_CONCEPTS:
+                raise ValueError(f"input.classes: all asks every class of every image, at most {MAX_CONCEPTS} "
+                                 f"({count} configured); use folder")
+            needed = count if self.input.classes == "all" else 1
+            captions = any(concept_slots(t.prompt) == needed for t in self.prompts.templates) or (
+                needed == 1 and all(c.templates for c in self.prompts.concepts))
+            if not captions:
+                raise ValueError(f"prompts.templates: no template names {needed} concept(s) to caption the images "
+                                 f"of input.images ({{concept}} .. {{concept{needed}}})")
+        if self.output.samples is None:
+            if self.input.images is not None:
+                samples = len(list_images(self.input.images))
+            elif self.prompts.file is not None:
+                samples = count_lines(self.prompts.file)
+            else:
+                samples = TEMPLATE_SAMPLES
+            if samples == 0:
+                raise ValueError(f"input.images: '{self.input.images}' holds no jpg, png or webp image")
+            self = self.model_copy(update={"output": self.output.model_copy(update={"samples": samples})})
+        return self
 
     @model_validator(mode="after")
     def _steps_exist(self) -> RunConfig:
@@ -327,7 +348,7 @@ class RunConfig(Section):
         content = self.model_dump(
             mode="json",
             exclude={
-                "name": True, "model": MODEL_LOCATIONS, "prompts": INPUT_FILES,
+                "name": True, "model": MODEL_LOCATIONS, "prompts": INPUT_FILES, "input": INPUT_FOLDERS,
                 "execution": EXECUTION_ONLY, "generation": UNET_RUNTIME_ONLY,
             },
         )
@@ -337,8 +358,10 @@ class RunConfig(Section):
             images = images_signature(self.prompts.file)
             if images:
                 content["images"] = images
-        if "images" not in content:  # annotate settings shape only runs that annotate: the others keep their hash
-            del content["annotate"]
+        if self.input.images is not None:
+            content["images"] = folder_signature(self.input.images)
+        if "images" not in content:  # these shape only runs that annotate: the others keep their hash
+            del content["annotate"], content["input"]
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

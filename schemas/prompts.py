@@ -265,3 +265,9 @@ def images_signature(path: str) -> str:
                 digest.update(f"{image}\0missing\n".encode())
             any_image = True
     return digest.hexdigest()[:16] if any_image else ""
+
+
+def count_lines(path: str) -> int:
+    """The non-blank lines of a text file: the samples a prompts file makes by default."""
+    with open(path, "rb") as handle:
+        return sum(1 for raw in handle if raw.strip())

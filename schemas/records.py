@@ -61,7 +61,7 @@ class SampleMetadata(Record):
     height: int
     parameters: dict = Field(description="stage parameters that shaped this sample")
     quality: dict[str, float] = Field(description="per-sample scores: mask fraction, components, agreement ...")
-    source: dict | None = Field(default=None, description="an annotated image: its path and sha256")
+    source: dict | None = Field(default=None, description="an annotated image: its path, sha256 and upright size [rows, cols] before fitting")
 
 
 class ShardStats(Record):
@@ -77,6 +77,7 @@ class ShardStats(Record):
         default_factory=dict, description="written key -> its quality scores (for review without opening tars)"
     )
     classes: dict[str, list[int]] = Field(default_factory=dict, description="planned key -> its concepts' class ids")
+    sources: dict[str, str] = Field(default_factory=dict, description="planned key -> the image it annotates, if any")
     worker: dict[str, str] = Field(default_factory=dict)
     tar_bytes: int | None = Field(default=None, description="size of the shard's tar, checked on resume")
     tar_sha256: str | None = Field(default=None, description="digest of the shard's tar, checked by --verify")

@@ -14,17 +14,29 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from PIL.ExifTags import Base
 
 from maskmint.schemas.config import AnnotateConfig, CaptureConfig
+from maskmint.stages.loading import vae_precision
 from maskmint.stages.tokens import token_slots
 
-Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # larger is refused (image_too_large), not decoded
+ORIENTATION = Base.Orientation.value  # EXIF orientations 5-8 turn the image a quarter
+
+class Source(NamedTuple):
+    """A real image as annotate reads it: fitted pixels or the reason it cannot be used, the
+    file's sha256, and its size (rows, columns) upright, before fitting."""
+
+    image: np.ndarray | None
+    reason: str | None
+    sha256: str | None = None
+    size: tuple[int, int] | None = None
 
 
 def as_rgb(image: Image.Image) -> np.ndarray:
@@ -41,33 +53,54 @@ def as_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def fit_geometry(rows: int, cols: int, height: int, width: int, how: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How `fit` places a rows x cols image in height x width: the resized size (columns, rows)
+    and the offset (top, left) of the model's frame inside it (crop) or of it inside the frame
+    (pad, negative)."""
+    if how == "stretch":
+        return (width, height), (0, 0)
+    scale = (max if how == "crop" else min)(height / rows, width / cols)
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    return size, ((size[1] - height) // 2, (size[0] - width) // 2)
+
+
 def fit(image: np.ndarray, height: int, width: int, how: str) -> np.ndarray:
     """The image at (height, width): cover and centre-crop, fit and pad with black, or stretch."""
     rows, cols = image.shape[:2]
-    if how == "stretch":
-        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-    scale = (max if how == "crop" else min)(height / rows, width / cols)
-    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
-    resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
-    if how == "crop":
-        top, left = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
+    size, (top, left) = fit_geometry(rows, cols, height, width, how)
+    shrinks = size[0] * size[1] < rows * cols
+    resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrinks else cv2.INTER_CUBIC)
+    if how != "pad":
         return resized[top : top + height, left : left + width]
     canvas = np.zeros((height, width, 3), np.uint8)
-    top, left = (height - resized.shape[0]) // 2, (width - resized.shape[1]) // 2
-    canvas[top : top + resized.shape[0], left : left + resized.shape[1]] = resized
+    canvas[-top : -top + resized.shape[0], -left : -left + resized.shape[1]] = resized
     return canvas
 
 
-def read_source(path: str, height: int, width: int, config: AnnotateConfig) -> tuple[np.ndarray | None, str | None, str | None]:
-    """(uint8 [height, width, 3] or None, the reason it cannot be used or None, the file's
-    sha256 or None): the file is read once, for the digest and the decode alike."""
+def unfit(mask: np.ndarray, rows: int, cols: int, how: str, outside: int) -> np.ndarray:
+    """A label map made on the fitted image, back on the source's rows x cols grid by nearest
+    neighbour; source pixels the model never saw (cropped away) get `outside`."""
+    height, width = mask.shape
+    (resized_cols, resized_rows), (top, left) = fit_geometry(rows, cols, height, width, how)
+    # source pixel centre -> resized image -> model frame
+    y = np.floor((np.arange(rows) + 0.5) * resized_rows / rows).astype(np.int64) - top
+    x = np.floor((np.arange(cols) + 0.5) * resized_cols / cols).astype(np.int64) - left
+    inside_y, inside_x = (y >= 0) & (y < height), (x >= 0) & (x < width)
+    out = mask[np.clip(y, 0, height - 1)][:, np.clip(x, 0, width - 1)]
+    out[~inside_y, :] = outside
+    out[:, ~inside_x] = outside
+    return out
+
+
+def read_source(path: str, height: int, width: int, config: AnnotateConfig) -> Source:
+    """The file read once, for the digest and the decode alike."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError:
-        return None, "unreadable_image", None
-    image, reason = decode_image(data, height, width, config)
-    return image, reason, hashlib.sha256(data).hexdigest() if reason is None else None
+        return Source(None, "unreadable_image")
+    image, reason, size = decode_image(data, height, width, config)
+    return Source(image, reason, hashlib.sha256(data).hexdigest() if reason is None else None, size)
 
 
 def read_image(path: str, height: int, width: int, config: AnnotateConfig) -> tuple[np.ndarray | None, str | None]:
@@ -75,21 +108,24 @@ def read_image(path: str, height: int, width: int, config: AnnotateConfig) -> tu
     return read_source(path, height, width, config)[:2]
 
 
-def decode_image(data: bytes, height: int, width: int, config: AnnotateConfig) -> tuple[np.ndarray | None, str | None]:
+def decode_image(data: bytes, height: int, width: int, config: AnnotateConfig):
+    """(fitted uint8 image, None, upright size) or (None, reason, None). Past PIL's
+    decompression-bomb limit (about 89 megapixels) an image is image_too_large, not decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as opened:
                 opened.draft("RGB", (width * 2, height * 2))  # a huge JPEG decodes at a fraction of its size
+                upright = opened.size if opened.getexif().get(ORIENTATION, 1) < 5 else opened.size[::-1]
                 image = ImageOps.exif_transpose(opened)
                 image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return None, "image_too_large"
+        return None, "image_too_large", None
     except (OSError, SyntaxError, ValueError):
-        return None, "unreadable_image"  # empty, truncated, or not an image
+        return None, "unreadable_image", None  # empty, truncated, or not an image
     if min(image.size) < config.min_side:
-        return None, "image_too_small"
-    return fit(as_rgb(image), height, width, config.fit), None
+        return None, "image_too_small", None
+    return fit(as_rgb(image), height, width, config.fit), None, (upright[1], upright[0])
 
 
 class Annotate:
@@ -109,22 +145,16 @@ class Annotate:
         """uint8 NHWC -> clean latents as the denoiser takes them."""
         vae = self.pipe.vae
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).to(self.pipe.device, torch.float32) / 127.5 - 1
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            encoded = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
-        finally:
-            if upcast:
-                vae.to(torch.float16)
+        with vae_precision(vae) as dtype:
+            encoded = vae.encode(pixels.to(dtype)).latent_dist.mean
         dtype = self.family.denoiser(self.pipe).dtype
         return self.family.latents_from_vae(self.pipe, encoded.to(dtype), self.height, self.width)
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
         read = [read_source(path, self.height, self.width, self.config) for path in batch["image_path"]]
-        images = np.stack([image if image is not None else np.zeros((self.height, self.width, 3), np.uint8)
-                           for image, _, _ in read])
+        images = np.stack([source.image if source.image is not None else np.zeros((self.height, self.width, 3), np.uint8)
+                           for source in read])
         device = self.pipe.device
         clean = self.encode(images)
         generators = [torch.Generator(device).manual_seed(int(seed)) for seed in batch["seed"]]
@@ -149,14 +179,15 @@ class Annotate:
         finally:
             self.store.end()
         heat = F.interpolate(heat, size=(self.height, self.width), mode="bicubic", align_corners=False).clamp_(min=0)
-        reasons = [reason for _, reason, _ in read]
+        reasons = [source.reason for source in read]
         return {
             "image": images,
             "heatmap": torch.nan_to_num(heat).float().cpu().numpy(),
             "finite": torch.isfinite(heat).flatten(1).all(dim=1).cpu().tolist(),
             "latents": clean,
             "source_drop": reasons,
-            "source": [{"path": path, "sha256": digest} for path, (_, _, digest) in zip(batch["image_path"], read)],
+            "source": [{"path": path, "sha256": source.sha256, "size": source.size}
+                       for path, source in zip(batch["image_path"], read)],
         }
 
     def _on_step_end(self, clean: torch.Tensor, generators: list[torch.Generator]):

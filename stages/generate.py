@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from maskmint.schemas.config import CaptureConfig, GenerationConfig
 from maskmint.stages.families import family_of_pipeline
+from maskmint.stages.loading import vae_precision
 from maskmint.stages.models import pipeline_image_size
 from maskmint.stages.tokens import TextLayout, token_slots
 
@@ -22,15 +23,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def decode(vae, scaled: torch.Tensor) -> torch.Tensor:
-    """VAE-space latents -> images in [-1, 1]; a VAE that overflows in fp16 (SDXL's,
-    `force_upcast`) decodes in fp32, as diffusers' own pipelines do."""
-    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        vae.to(torch.float32)
-        try:
-            return vae.decode(scaled.float(), return_dict=False)[0]
-        finally:
-            vae.to(torch.float16)
-    return vae.decode(scaled, return_dict=False)[0]
+    """VAE-space latents -> images in [-1, 1], in the VAE's safe precision."""
+    with vae_precision(vae) as dtype:
+        return vae.decode(scaled.to(dtype), return_dict=False)[0]
 
 
 class Generate:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +17,20 @@ from maskmint.schemas.config import ModelConfig
 
 class ModelLoadError(RuntimeError):
     """The configured model could not be loaded; the message says which and why."""
+
+
+@contextmanager
+def vae_precision(vae):
+    """The dtype to run the VAE in, for the length of the block: fp32 for a VAE that overflows in
+    fp16 (SDXL's, `force_upcast`), as diffusers' own pipelines do; its own dtype otherwise."""
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield vae.dtype
+    finally:
+        if upcast:
+            vae.to(torch.float16)
 
 
 def quiet_libraries() -> None:

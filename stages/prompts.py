@@ -9,9 +9,11 @@ import numpy as np
 
 from pydantic import ValidationError
 
+from maskmint.schemas.inputs import InputConfig, list_images
 from maskmint.schemas.prompts import (
     CONCEPT_SLOTS,
     ConceptConfig,
+    LineConcept,
     PromptLine,
     PromptsConfig,
     fields_of,
@@ -69,6 +71,62 @@ class LineIndex:
             return int(self.numbers[i]), handle.readline().decode("utf-8", errors="replace")
 
 
+class JsonLines:
+    """prompts.file as lines: line i parsed on demand, image paths relative to the file's folder."""
+
+    def __init__(self, path: str):
+        self.index = LineIndex(path)
+        self.base = Path(path).parent
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def line(self, i: int) -> tuple[str, PromptLine]:
+        """(where the line is, for messages; the line)."""
+        number, text = self.index.read(i)
+        where = f"prompts.file line {number}"
+        try:
+            return where, PromptLine.model_validate_json(text)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            message = problem["msg"].removeprefix("Value error, ")
+            field = ".".join(str(p) for p in problem["loc"])
+            if not field and not re.match(r"^[a-z_]+: ", message):  # a check across fields names its field
+                field = "line"
+            raise PromptError(f"{where}: {field + ': ' if field else ''}{message}") from None
+
+
+class ImageFolder:
+    """input.images as lines: image i of the sorted folder, its classes its parent folder's name
+    (a class name or synonym) or every configured class; the templates caption it."""
+
+    def __init__(self, config: InputConfig, concepts: list[ConceptConfig]):
+        self.base = Path(config.images)
+        self.files = [name for name, _, _ in list_images(config.images)]
+        if not self.files:
+            raise PromptError(f"input.images: '{config.images}' holds no jpg, png or webp image")
+        self.every = [c.name for c in concepts] if config.classes == "all" else None
+        self.by_word = {word.lower(): c.name for c in concepts for word in c.words}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def line(self, i: int) -> tuple[str, PromptLine]:
+        name = self.files[i]
+        where = f"input.images '{name}'"
+        if self.every is not None:
+            classes = self.every
+        else:
+            folder = name.rpartition("/")[0].rpartition("/")[2]
+            if not folder:
+                raise PromptError(f"{where}: lies in the folder itself; with input.classes: folder each image lies "
+                                  "in a folder named by its class (or set input.classes: all)")
+            if folder.lower() not in self.by_word:
+                raise PromptError(f"{where}: its folder '{folder}' is not one of the run's classes (names or synonyms)")
+            classes = [self.by_word[folder.lower()]]
+        return where, PromptLine(image=name, concepts=[LineConcept(word=c, class_=c) for c in classes])
+
+
 Rendered = tuple[str, str, str, list[ConceptSpan]]  # prompt, background prompt, removal negative, concepts
 
 
@@ -76,10 +134,14 @@ class PromptBuilder:
     """Deterministic prompt for a sample index. From templates, concepts take turns so classes
     stay balanced; from a prompts file, sample i takes line i mod lines."""
 
-    def __init__(self, config: PromptsConfig, layout: TextLayout):
+    def __init__(self, config: PromptsConfig, layout: TextLayout, images: InputConfig | None = None):
         self.config = config
         self.layout = layout
-        self.lines = LineIndex(config.file) if config.file is not None else None
+        self.lines: JsonLines | ImageFolder | None = None
+        if images is not None and images.images is not None:
+            self.lines = ImageFolder(images, config.concepts)
+        elif config.file is not None:
+            self.lines = JsonLines(config.file)
         self.by_class = {c.class_id: c for c in config.concepts}
         self.by_name = {c.name.lower(): c for c in config.concepts}
 
@@ -119,8 +181,8 @@ class PromptBuilder:
         counts = dict.fromkeys((c.class_id for c in concepts), 0)
         cycles, rest = divmod(samples, len(self.lines))
         for i in range(min(samples, len(self.lines))):
-            for span in self.from_line(i)[3]:
-                counts[span.class_id] += cycles + (i < rest)
+            for concept in self._classes(*self.lines.line(i)):
+                counts[concept.class_id] += cycles + (i < rest)
         return counts
 
     def __call__(self, index: int, rng: np.random.Generator) -> Rendered:
@@ -159,12 +221,18 @@ class PromptBuilder:
         Templates: each with every concept word and the longest filler options (most tokens,
         so the concept sits as late as it ever will); templates of several concepts with the
         longest words of distinct classes, longest first, and suffixed fillers drawn apart.
-        A prompts file: every line."""
-        if self.lines is not None:
+        A prompts file: every line. A folder: every image's classes, then the templates that
+        caption them as above."""
+        if isinstance(self.lines, JsonLines):
             for i in range(len(self.lines)):
                 self.from_line(i)
             return
+        counts = self.config.counts_per_image
+        if isinstance(self.lines, ImageFolder):
+            counts = {len(self._classes(*self.lines.line(i))) for i in range(len(self.lines))}
+        self._check_templates(counts)
 
+    def _check_templates(self, counts) -> None:
         def by_length(words):
             return sorted(words, key=lambda w: -self.layout.count(w))
 
@@ -174,7 +242,7 @@ class PromptBuilder:
         # several concepts: each slot the longest word of another class, longest first, so
         # every slot sits as late as it can; suffixed fillers the next-longest values
         ranked = sorted(((by_length(c.words)[0], c) for c in concepts), key=lambda wc: -self.layout.count(wc[0]))
-        for count in sorted(set(self.config.counts_per_image)):
+        for count in sorted(set(counts)):
             firsts = enumerate(concepts) if count == 1 else [(0, ranked[0][1])]
             for concept_index, concept in firsts:
                 for template, background, where in self._choices(concept_index, count):
@@ -193,35 +261,22 @@ class PromptBuilder:
                         except PromptError as error:
                             raise PromptError(f"{where}: {error}") from None
 
-    def _line(self, i: int) -> tuple[str, PromptLine]:
-        number, text = self.lines.read(i)
-        where = f"prompts.file line {number}"
-        try:
-            return where, PromptLine.model_validate_json(text)
-        except ValidationError as error:
-            problem = error.errors()[0]
-            message = problem["msg"].removeprefix("Value error, ")
-            field = ".".join(str(p) for p in problem["loc"])
-            if not field and not re.match(r"^[a-z_]+: ", message):  # a check across fields names its field
-                field = "line"
-            raise PromptError(f"{where}: {field + ': ' if field else ''}{message}") from None
-
     def image_of(self, index: int) -> str | None:
         """The image sample `index` annotates (an absolute path), or None: it is generated."""
         if self.lines is None:
             return None
-        return self._image(*self._line(index % len(self.lines)))
+        return self._image(*self.lines.line(index % len(self.lines)))
 
     def _image(self, where: str, line: PromptLine) -> str | None:
         if line.image is None:
             return None
-        path = (Path(self.lines.path).parent / line.image).resolve()
-        if not path.is_file():
+        path = (self.lines.base / line.image).resolve()
+        if isinstance(self.lines, JsonLines) and not path.is_file():  # a folder's images were found there
             raise PromptError(f"{where}: image '{line.image}' is not a file (paths are relative to the prompts file)")
         return str(path)
 
     def from_line(self, i: int) -> Rendered:
-        where, line = self._line(i)
+        where, line = self.lines.line(i)
         self._image(where, line)  # a missing image is a planning error naming the line
         if line.prompt is None:  # an image with its classes only: the templates caption it
             return self._caption(where, line, np.random.default_rng(i))
@@ -241,12 +296,7 @@ class PromptBuilder:
 
     def _caption(self, where: str, line: PromptLine, rng: np.random.Generator) -> Rendered:
         """A prompt for an image's classes from the templates that name that many concepts."""
-        chosen = []
-        for item in line.concepts:
-            concept = self._class_of(item.class_)
-            if concept is None:
-                raise PromptError(f"{where}: class {item.class_!r} is not one of the run's classes")
-            chosen.append(concept)
+        chosen = self._classes(where, line)
         choices = self._choices(self.config.concepts.index(chosen[0]), len(chosen))
         if not choices:
             raise PromptError(f"{where}: no template names {len(chosen)} concept(s); give the line a prompt")
@@ -259,6 +309,15 @@ class PromptBuilder:
             return self._from_template(chosen, template, line.background or background, fills, words)
         except PromptError as error:
             raise PromptError(f"{where}: {error}") from None
+
+    def _classes(self, where: str, line: PromptLine) -> list[ConceptConfig]:
+        chosen = []
+        for item in line.concepts:
+            concept = self._class_of(item.class_)
+            if concept is None:
+                raise PromptError(f"{where}: class {item.class_!r} is not one of the run's classes")
+            chosen.append(concept)
+        return chosen
 
     def _class_of(self, name_or_id: str | int) -> ConceptConfig | None:
         if isinstance(name_or_id, int):

@@ -1,0 +1,83 @@
+"""Real images in: where they come from (input), how attention is read from them (annotate),
+and what a folder of them is (its files, sizes and modification times) for the config hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from maskmint.schemas.base import Section, find_path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class InputConfig(Section):
+    images: str | None = Field(
+        default=None,
+        description="a folder: every jpg, png and webp under it (recursive, sorted by path) is annotated, "
+        "sample i the i-th image",
+    )
+    classes: Literal["folder", "all"] = Field(
+        default="folder",
+        description="folder: an image's class is its parent folder's name (ImageFolder: DIR/dog/1.jpg); "
+        "all: every configured class is asked of every image",
+    )
+
+    @field_validator("images")
+    @classmethod
+    def _folder(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        found = find_path(value, info, Path.is_dir)
+        if found is None:
+            raise ValueError(f"'{value}' is not a folder (relative paths are resolved against the config file's folder)")
+        return found
+
+
+class AnnotateConfig(Section):
+    """How attention is read from a real image: its clean latent noised and denoised with its
+    caption. Unset values take the family's defaults (see the README's annotate section)."""
+
+    steps: int | None = Field(default=None, ge=1, le=1000, description="the noise schedule's steps")
+    strength: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="the last steps x strength steps of the schedule are run from the image"
+    )
+    guidance_scale: float = Field(default=1.0, ge=0.0, description="1: the caption alone, no unconditional batch")
+    fresh_noise: bool = Field(
+        default=True, description="each step starts from the clean latent noised afresh to its level, not from the last step"
+    )
+    fit: Literal["crop", "pad", "stretch"] = Field(
+        default="crop", description="to the model's size: crop (cover, centred), pad (fit, black borders) or stretch"
+    )
+    min_side: int = Field(default=16, ge=1, description="images with a shorter side are dropped (image_too_small)")
+
+
+def list_images(root: str) -> list[tuple[str, int, int]]:
+    """(path relative to root as posix, size, mtime in ns) of every image under root, sorted by
+    path; one stat each from the directory scan, no file opened."""
+    found = []
+    stack = [""]
+    while stack:
+        relative = stack.pop()
+        with os.scandir(os.path.join(root, relative)) as entries:
+            for entry in entries:
+                name = f"{relative}/{entry.name}" if relative else entry.name
+                if entry.is_dir():
+                    stack.append(name)
+                elif entry.name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file():
+                    stat = entry.stat()
+                    found.append((name, stat.st_size, stat.st_mtime_ns))
+    found.sort()
+    return found
+
+
+def folder_signature(root: str) -> str:
+    """What the folder's images are: each one's relative path, size and modification time."""
+    digest = hashlib.sha256()
+    for name, size, mtime in list_images(root):
+        digest.update(f"{name}\0{size}\0{mtime}\n".encode())
+    return digest.hexdigest()[:16]
