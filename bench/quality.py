@@ -1,6 +1,11 @@
 """Mask quality against the toy world's exact truth, stage by stage.
 
     python -m bench.quality --config configs/demo.yaml --samples 96 --seed 0 --json bench/quality.json
+    python -m bench.quality --config configs/annotate.yaml --render 96 --render-seed 11 --objects 1
+
+With --render the samples are not generated: that many toy-world scenes are rendered to
+image files with their captions in a JSONL (`bench.annotate_demo`), and the config annotates
+them (annotate mode); the truth is taken from the pixels the same way.
 
 Runs maskmint's own stages in this process (generate with capture, weak mask, remove,
 refine, filter) on the config's toy-world prompts ("a red circle on a striped gray
@@ -254,11 +259,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", default=None, metavar="SECTION.FIELD=V1,V2,...",
                         help="also score these values of one refine or filter field on the same generated images, "
                              "e.g. --sweep refine.delta_e=20,40,60")
+    parser.add_argument("--render", type=int, default=None, metavar="N",
+                        help="annotate N rendered toy-world scenes instead of generating --samples")
+    parser.add_argument("--render-seed", type=int, default=11, help="the scenes' seed (7 made assets/annotate-demo)")
+    parser.add_argument("--objects", type=int, nargs="+", default=[1], help="objects per rendered scene, in turn")
     args = parser.parse_args(argv)
 
     config = load_config(args.config)
     data = config.model_dump(mode="json")
     data["execution"]["seed"] = args.seed
+    scratch = tempfile.TemporaryDirectory()
+    if args.render:
+        from bench.annotate_demo import write_scenes
+
+        write_scenes(Path(scratch.name), args.render, args.render_seed, args.objects)
+        data["prompts"]["file"] = str(Path(scratch.name) / "lines.jsonl")
+        args.samples = args.render
     data["output"]["samples"] = args.samples
     for item in args.set:
         set_field(data, item)
@@ -274,11 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     summary, scores, seconds, swept = evaluate(config, args.samples, variants=variants)
     summary["seconds"] = round(time.time() - start, 1)
-    print(f"maskmint quality: {args.samples} samples, seed {args.seed}, {config.model.path}")
+    source = f"{args.render} renders (seed {args.render_seed}, objects {args.objects}) annotated" if args.render else "generated"
+    print(f"maskmint quality: {args.samples} samples {source}, seed {args.seed}, {config.model.path}")
     print(table(summary))
     if swept:
         print(sweep_table(args.sweep, swept))
+    scratch.cleanup()
     write_json(args.json, {"config": str(args.config), "seed": args.seed, "overrides": args.set, "summary": summary,
+                           "render": {"scenes": args.render, "seed": args.render_seed, "objects": args.objects}
+                           if args.render else None,
                            "seconds_by_stage": seconds, "samples": scores,
                            "sweep": {"field": args.sweep, "summaries": swept} if swept else None})
     return 0

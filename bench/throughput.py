@@ -19,6 +19,9 @@ steps and dtype it times, alternating the variants every round so drift hits all
   c  maskmint's generate stage (capture on, heat maps out)
   d  maskmint's whole chain per sample: generate, weak mask, remove, refine, filter,
      encode, write (ShardWorker.run_shard on shards of two mini-batches)
+  e  (--annotate) the same chain in annotate mode: toy-world renders written as files and
+     read back, annotated with the family's default noise settings (or --annotate-steps /
+     --annotate-strength) at guidance 1, then removed, refined and written like d
 
 and reports samples/s (medians over --repeats rounds after one warm-up round), c/a and
 d/(a+b) (time of a plus b per sample over time of d), peak device memory of a vs c
@@ -102,6 +105,21 @@ class Bench:
         self.mask = mask
         self.images = None
         self.next_shard = 0
+        self.annotate_plan = self.annotate_config = None
+        if args.annotate:
+            self.annotate_plan, self.annotate_config = self.annotated(args)
+
+    def annotated(self, args):
+        """The plan and config of variant e: the same run, its samples reading rendered images."""
+        from bench.annotate_demo import write_scenes
+        from maskmint.pipeline.plan import Plan
+
+        write_scenes(Path(self.scratch.name) / "renders", 4 * args.batch, 11, [1])
+        data = self.config.model_dump(mode="json")
+        data["prompts"]["file"] = str(Path(self.scratch.name) / "renders" / "lines.jsonl")
+        data["annotate"] = {"steps": args.annotate_steps, "strength": args.annotate_strength}
+        config = RunConfig.model_validate(data)
+        return Plan(config, self.layout), config
 
     @property
     def denoiser(self):
@@ -143,6 +161,16 @@ class Bench:
     def run_d(self) -> None:
         for _ in self.worker.run_shard(self.next_shard):
             pass
+        self.next_shard += 1
+
+    def run_e(self) -> None:
+        minted = self.worker.plan, self.worker.config
+        self.worker.plan, self.worker.config = self.annotate_plan, self.annotate_config
+        try:
+            for _ in self.worker.run_shard(self.next_shard % 2):  # the renders cycle
+                pass
+        finally:
+            self.worker.plan, self.worker.config = minted
         self.next_shard += 1
 
     def timed(self, variant: str) -> float:
@@ -215,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="capture.steps for c and d: the denoising steps whose attention is read (default: all)")
     parser.add_argument("--recipe", choices=["cross", "concept_attention"], default="cross",
                         help="capture.recipe for c and d (concept_attention: sd3/flux models)")
+    parser.add_argument("--annotate", action="store_true", help="also time variant e, annotate mode's whole chain")
+    parser.add_argument("--annotate-steps", type=int, default=None, help="annotate.steps (default: the family's)")
+    parser.add_argument("--annotate-strength", type=float, default=None, help="annotate.strength (default: the family's)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
@@ -224,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     bench = Bench(args)
-    variants = ["a", "b", "c", "d"]
+    variants = ["a", "b", "c", "d"] + (["e"] if args.annotate else [])
     times: dict[str, list[float]] = {v: [] for v in variants}
     for round_ in range(args.repeats + 1):
         for variant in variants:
@@ -232,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             if round_:  # round 0 warms up
                 times[variant].append(seconds)
     per_sample = {
-        v: statistics.median(t) / (2 * args.batch if v == "d" else args.batch) for v, t in times.items()
+        v: statistics.median(t) / (2 * args.batch if v in "de" else args.batch) for v, t in times.items()
     }
     rates = {v: 1.0 / s for v, s in per_sample.items()}
     # a short and a long generation: the capture must hold the same after both (the short one
@@ -250,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         "samples_per_s": {v: round(r, 4) for v, r in rates.items()},
         "c_over_a": per_sample["a"] / per_sample["c"],
         "d_over_a_plus_b": (per_sample["a"] + per_sample["b"]) / per_sample["d"],
+        "e_over_d": per_sample["d"] / per_sample["e"] if args.annotate else None,
+        "annotate": {"steps": args.annotate_steps or bench.family.annotate_steps,
+                     "strength": args.annotate_strength or bench.family.annotate_strength} if args.annotate else None,
         "peak_memory_a": bench.peak_memory("a"), "peak_memory_c": bench.peak_memory("c"),
         "capture_short_steps": short, "capture_bytes_short": capture_short, "capture_bytes_50_steps": capture_50,
         "peak_memory_c_short": peak_short, "peak_memory_c_50_steps": peak_50,
@@ -261,10 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"maskmint throughput: {args.model} on {result['device_name']}, {args.dtype}, "
           f"batch {args.batch}, {args.steps}+{args.steps} steps, median of {args.repeats}")
     print("| variant | samples/s |\n|---|---|")
-    names = {"a": "a plain generation", "b": "b plain inpainting", "c": "c generate + capture", "d": "d whole chain"}
+    names = {"a": "a plain generation", "b": "b plain inpainting", "c": "c generate + capture", "d": "d whole chain",
+             "e": "e whole chain, annotate mode"}
     for v in variants:
         print(f"| {names[v]} | {rates[v]:.3f} |")
-    print(f"c/a = {result['c_over_a']:.3f}   d/(a+b) = {result['d_over_a_plus_b']:.3f}")
+    print(f"c/a = {result['c_over_a']:.3f}   d/(a+b) = {result['d_over_a_plus_b']:.3f}"
+          + (f"   e/d = {result['e_over_d']:.3f} (annotate {result['annotate']})" if args.annotate else ""))
     print(f"capture holds {capture_short} bytes after {short} steps, {capture_50} after {long}")
     if result["peak_memory_a"] is not None:
         print(f"peak memory a {result['peak_memory_a'] / 2**30:.2f} GiB, c {result['peak_memory_c'] / 2**30:.2f} GiB, "

@@ -8,6 +8,7 @@ step counts, guidance and removal settings then say how often each runs per trip
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -91,20 +92,47 @@ def flops_per_triple(config: RunConfig) -> dict[str, float]:
     decode = _count(lambda: vae.decode(torch.zeros(1, vae.config.latent_channels, *latent, **meta)))
     encode = _count(lambda: vae.encode(torch.zeros(1, 3, height, width, **meta)))
 
-    generation, removal = config.generation, config.removal
+    generation, removal, annotate = config.generation, config.removal, config.annotate
     # classifier-free guidance doubles the batch; a guidance-distilled family has none
     guided = family.takes_negative_prompt
     generation_batch = 2 if guided and generation.guidance_scale > 1 else 1
+    annotate_batch = 2 if guided and annotate.guidance_scale > 1 else 1
     removal_batch = 2 if guided and removal.guidance_scale > 1 else 1
     removal_steps = min(int(removal.steps * removal.strength), removal.steps)
+    annotate_steps_total = annotate.steps or family.annotate_steps
+    annotated_steps = min(int(annotate_steps_total * (annotate.strength or family.annotate_strength)), annotate_steps_total)
     encodes = family.removal_encodes(inpaint.config, removal.prefill)
+    step = _denoiser_step(family, denoiser, latent, text_tokens)
+    real = annotated_share(config)  # the rest are generated
     parts = {
-        "generate_denoiser": generation_batch * generation.steps * _denoiser_step(family, denoiser, latent, text_tokens),
+        "generate_denoiser": (1 - real) * generation_batch * generation.steps * step,
+        "annotate_denoiser": real * annotate_batch * annotated_steps * step,
         "remove_denoiser": removal_batch * removal_steps * _denoiser_step(family, inpaint, latent, text_tokens),
-        "text_encoder": (generation_batch + removal_batch) * text_passes,
-        "vae": 2 * decode + encodes * encode,
+        "text_encoder": ((1 - real) * generation_batch + real * annotate_batch + removal_batch) * text_passes,
+        # generated: the image decoded; annotated: encoded by annotate and again by the
+        # image-to-image pipeline; then removal's encodes and its decode
+        "vae": (1 - real) * decode + real * 2 * encode + decode + encodes * encode,
     }
+    if not real:
+        del parts["annotate_denoiser"]
+    if real == 1:
+        del parts["generate_denoiser"]
     return {**parts, "total": sum(parts.values()), "height": height, "width": width}
+
+
+def annotated_share(config: RunConfig) -> float:
+    """The share of the run's samples that annotate an image rather than generate one."""
+    if config.input.images is not None:
+        return 1.0
+    if config.prompts.file is None:
+        return 0.0
+    lines = images = 0
+    with open(config.prompts.file, "rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                lines += 1
+                images += b'"image"' in raw and json.loads(raw).get("image") is not None
+    return images / lines
 
 
 def _figure(value: float) -> float:

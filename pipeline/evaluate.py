@@ -29,7 +29,7 @@ from maskmint.pipeline.export import rle_decode
 from maskmint.pipeline.rundir import RunDir
 from maskmint.schemas.config import AnnotateConfig, EvaluateBand
 from maskmint.schemas.records import BACKGROUND_ID, IGNORE_INDEX, MASK_FIELD, METADATA_FIELD
-from maskmint.stages.annotate import unfit
+from maskmint.stages.annotate import to_source_grid
 
 BANDS = get_args(EvaluateBand)
 
@@ -185,7 +185,7 @@ def predicted_on(truth: np.ndarray, mask: np.ndarray, source: dict, how: str) ->
     """The sample's mask on the truth's grid: unfitted to the source image, then to the truth's size."""
     rows, cols = source.get("size") or upright_size(source["path"])
     if mask.shape != (rows, cols):
-        mask = unfit(mask, rows, cols, how, outside=IGNORE_INDEX)
+        mask = to_source_grid(mask, rows, cols, how, IGNORE_INDEX, cv2.INTER_NEAREST_EXACT)
     if mask.shape != truth.shape:
         mask = cv2.resize(mask, truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
     return mask

@@ -20,7 +20,7 @@ from maskmint.pipeline.rundir import RunDir
 from maskmint.pipeline.testing.faults import injected_fault
 from maskmint.schemas.config import RunConfig
 from maskmint.schemas.records import BatchDone, PlannedSample, SampleMetadata, ShardStats, ShardWritten
-from maskmint.stages.annotate import Annotate
+from maskmint.stages.annotate import Annotate, at_source_size
 from maskmint.stages.filter import Filter
 from maskmint.stages.generate import Generate
 from maskmint.stages.loading import pick_device, pick_dtype
@@ -166,12 +166,16 @@ class ShardWorker:
         self.mask_stages(batch, seconds)
         encoded, dropped, qualities = [], {}, {}
         output = self.config.output
-        height, width = batch["image"].shape[1:3]
+        at_source = self.config.annotate.store_size == "source"
         with timed(seconds, "encode"):
             for i, sample in enumerate(planned):
                 if batch["drop"][i] is not None:
                     dropped[sample.key] = batch["drop"][i]
                     continue
+                columns = batch["image"][i], batch["mask"][i], batch["background"][i], batch["heat"][i]
+                if at_source and sample.image is not None:
+                    columns = at_source_size(sample.image, *columns[1:], self.config.annotate.fit)
+                height, width = columns[1].shape
                 quality = {k: round(v, 5) for k, v in batch["quality"][i].items()}
                 metadata = SampleMetadata(
                     key=sample.key,
@@ -191,10 +195,7 @@ class ShardWorker:
                 encoded.append(
                     encode_sample(
                         sample.key,
-                        batch["image"][i],
-                        batch["mask"][i],
-                        batch["background"][i],
-                        batch["heat"][i],
+                        *columns,
                         metadata,
                         output.image_format,
                         output.jpeg_quality,

@@ -54,11 +54,16 @@ class AnnotateConfig(Section):
         default="crop", description="to the model's size: crop (cover, centred), pad (fit, black borders) or stretch"
     )
     min_side: int = Field(default=16, ge=1, description="images with a shorter side are dropped (image_too_small)")
+    store_size: Literal["model", "source"] = Field(
+        default="model",
+        description="model: image, mask, background and maps stored as fitted to the model's size; source: at "
+        "the source image's own size (the mask by nearest neighbour, 255 where a crop cut away)",
+    )
 
 
-def list_images(root: str) -> list[tuple[str, int, int]]:
-    """(path relative to root as posix, size, mtime in ns) of every image under root, sorted by
-    path; one stat each from the directory scan, no file opened."""
+def list_images(root: str) -> list[str]:
+    """The path (relative to root, posix) of every image under root, sorted; the directory
+    scan alone, no file opened or stat'ed."""
     found = []
     stack = [""]
     while stack:
@@ -68,9 +73,8 @@ def list_images(root: str) -> list[tuple[str, int, int]]:
                 name = f"{relative}/{entry.name}" if relative else entry.name
                 if entry.is_dir():
                     stack.append(name)
-                elif entry.name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file():
-                    stat = entry.stat()
-                    found.append((name, stat.st_size, stat.st_mtime_ns))
+                elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+                    found.append(name)
     found.sort()
     return found
 
@@ -78,6 +82,7 @@ def list_images(root: str) -> list[tuple[str, int, int]]:
 def folder_signature(root: str) -> str:
     """What the folder's images are: each one's relative path, size and modification time."""
     digest = hashlib.sha256()
-    for name, size, mtime in list_images(root):
-        digest.update(f"{name}\0{size}\0{mtime}\n".encode())
+    for name in list_images(root):
+        stat = os.stat(os.path.join(root, name))
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]

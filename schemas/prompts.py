@@ -247,7 +247,7 @@ def images_signature(path: str) -> str:
     """What the images a prompts file names are: each one's path as written, size and
     modification time (a stat per image, no read), so a replaced or edited image makes it a
     different config. "" when no line names an image."""
-    digest, folder, any_image = hashlib.sha256(), Path(path).parent, False
+    digest, folder, any_image = hashlib.sha256(), os.path.dirname(path), False
     with open(path, "rb") as handle:
         for raw in handle:
             if b'"image"' not in raw:
@@ -259,7 +259,7 @@ def images_signature(path: str) -> str:
             if not isinstance(image, str):
                 continue
             try:
-                stat = os.stat(folder / image)
+                stat = os.stat(os.path.join(folder, image))
                 digest.update(f"{image}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             except OSError:
                 digest.update(f"{image}\0missing\n".encode())

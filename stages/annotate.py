@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from PIL.ExifTags import Base
 
 from maskmint.schemas.config import AnnotateConfig, CaptureConfig
+from maskmint.schemas.records import IGNORE_INDEX
 from maskmint.stages.loading import vae_precision
 from maskmint.stages.tokens import token_slots
 
@@ -77,19 +78,44 @@ def fit(image: np.ndarray, height: int, width: int, how: str) -> np.ndarray:
     return canvas
 
 
-def unfit(mask: np.ndarray, rows: int, cols: int, how: str, outside: int) -> np.ndarray:
-    """A label map made on the fitted image, back on the source's rows x cols grid by nearest
-    neighbour; source pixels the model never saw (cropped away) get `outside`."""
-    height, width = mask.shape
+def to_source_grid(frame: np.ndarray, rows: int, cols: int, how: str, outside, interpolation: int) -> np.ndarray:
+    """An array made on the fitted image ([H, W] or [H, W, C]) carried back onto the source's
+    rows x cols grid, the inverse of `fit`; source pixels the model never saw (cropped away)
+    get `outside`. Label maps take cv2.INTER_NEAREST_EXACT (pixel centres, so 255 stays 255)."""
+    height, width = frame.shape[:2]
     (resized_cols, resized_rows), (top, left) = fit_geometry(rows, cols, height, width, how)
-    # source pixel centre -> resized image -> model frame
-    y = np.floor((np.arange(rows) + 0.5) * resized_rows / rows).astype(np.int64) - top
-    x = np.floor((np.arange(cols) + 0.5) * resized_cols / cols).astype(np.int64) - left
-    inside_y, inside_x = (y >= 0) & (y < height), (x >= 0) & (x < width)
-    out = mask[np.clip(y, 0, height - 1)][:, np.clip(x, 0, width - 1)]
-    out[~inside_y, :] = outside
-    out[:, ~inside_x] = outside
-    return out
+    if how == "crop":
+        canvas = np.full((resized_rows, resized_cols, *frame.shape[2:]), outside, frame.dtype)
+        canvas[top : top + height, left : left + width] = frame
+    elif how == "pad":
+        canvas = frame[-top : -top + resized_rows, -left : -left + resized_cols]
+    else:
+        canvas = frame
+    out = cv2.resize(np.ascontiguousarray(canvas), (cols, rows), interpolation=interpolation)
+    return out.reshape(rows, cols, *frame.shape[2:])
+
+
+def upright_rgb(data: bytes) -> np.ndarray:
+    """The whole image as 8-bit RGB, EXIF rotation applied, at its own size."""
+    with Image.open(io.BytesIO(data)) as opened:
+        image = ImageOps.exif_transpose(opened)
+        image.load()
+    return as_rgb(image)
+
+
+def at_source_size(path: str, mask: np.ndarray, background: np.ndarray, heat: np.ndarray, how: str):
+    """(image, mask, background, heat) of an annotated sample at its source's own size: the
+    source itself, the mask by nearest neighbour (255 where the crop cut away), the removed
+    background and the maps resized (the source's own pixels where the model saw nothing)."""
+    with open(path, "rb") as handle:
+        image = upright_rgb(handle.read())
+    rows, cols = image.shape[:2]
+    seen = to_source_grid(np.ones(mask.shape, np.uint8), rows, cols, how, 0, cv2.INTER_NEAREST_EXACT).astype(bool)
+    mask = to_source_grid(mask, rows, cols, how, IGNORE_INDEX, cv2.INTER_NEAREST_EXACT)
+    background = to_source_grid(background, rows, cols, how, 0, cv2.INTER_LINEAR)
+    background[~seen] = image[~seen]
+    heat = to_source_grid(np.moveaxis(heat, 0, -1).astype(np.float32), rows, cols, how, 0.0, cv2.INTER_LINEAR)
+    return image, mask, background, np.moveaxis(heat, -1, 0)
 
 
 def read_source(path: str, height: int, width: int, config: AnnotateConfig) -> Source:
@@ -115,8 +141,8 @@ def decode_image(data: bytes, height: int, width: int, config: AnnotateConfig):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as opened:
-                opened.draft("RGB", (width * 2, height * 2))  # a huge JPEG decodes at a fraction of its size
                 upright = opened.size if opened.getexif().get(ORIENTATION, 1) < 5 else opened.size[::-1]
+                opened.draft("RGB", (width * 2, height * 2))  # a huge JPEG decodes at a fraction of its size
                 image = ImageOps.exif_transpose(opened)
                 image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
-from pathlib import Path
 
 import numpy as np
 
-from pydantic import ValidationError
-
-from maskmint.schemas.inputs import InputConfig, list_images
+from maskmint.schemas.inputs import InputConfig
 from maskmint.schemas.prompts import (
     CONCEPT_SLOTS,
     ConceptConfig,
-    LineConcept,
     PromptLine,
     PromptsConfig,
     fields_of,
@@ -22,7 +20,9 @@ from maskmint.schemas.prompts import (
     find_word,
 )
 from maskmint.schemas.records import ConceptSpan
+from maskmint.stages.sources import ImageFolder, JsonLines
 from maskmint.stages.tokens import PromptError, TextLayout
+
 
 def _drop_concept(text: str, word: str) -> str:
     # "a photo of a dog in a park" -> "a photo of in a park": the article goes with the word.
@@ -41,90 +41,6 @@ def _drop_dangling_joins(text: str) -> str:
     while kept and kept[0].lower() in joins:
         kept.pop(0)
     return " ".join(kept).replace(" ,", ",")
-
-
-class LineIndex:
-    """Byte offsets of the non-blank lines of a JSONL file: line i is read on demand, so a
-    file of millions of prompts costs 8 bytes a line in memory."""
-
-    def __init__(self, path: str):
-        self.path = path
-        offsets, numbers, position = [], [], 0
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if raw.strip():
-                    offsets.append(position)
-                    numbers.append(number)
-                position += len(raw)
-        if not offsets:
-            raise PromptError(f"prompts.file: '{path}' holds no prompt")
-        self.offsets = np.array(offsets, dtype=np.int64)
-        self.numbers = np.array(numbers, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def read(self, i: int) -> tuple[int, str]:
-        """(1-based line number in the file, the line's text)."""
-        with open(self.path, "rb") as handle:
-            handle.seek(int(self.offsets[i]))
-            return int(self.numbers[i]), handle.readline().decode("utf-8", errors="replace")
-
-
-class JsonLines:
-    """prompts.file as lines: line i parsed on demand, image paths relative to the file's folder."""
-
-    def __init__(self, path: str):
-        self.index = LineIndex(path)
-        self.base = Path(path).parent
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def line(self, i: int) -> tuple[str, PromptLine]:
-        """(where the line is, for messages; the line)."""
-        number, text = self.index.read(i)
-        where = f"prompts.file line {number}"
-        try:
-            return where, PromptLine.model_validate_json(text)
-        except ValidationError as error:
-            problem = error.errors()[0]
-            message = problem["msg"].removeprefix("Value error, ")
-            field = ".".join(str(p) for p in problem["loc"])
-            if not field and not re.match(r"^[a-z_]+: ", message):  # a check across fields names its field
-                field = "line"
-            raise PromptError(f"{where}: {field + ': ' if field else ''}{message}") from None
-
-
-class ImageFolder:
-    """input.images as lines: image i of the sorted folder, its classes its parent folder's name
-    (a class name or synonym) or every configured class; the templates caption it."""
-
-    def __init__(self, config: InputConfig, concepts: list[ConceptConfig]):
-        self.base = Path(config.images)
-        self.files = [name for name, _, _ in list_images(config.images)]
-        if not self.files:
-            raise PromptError(f"input.images: '{config.images}' holds no jpg, png or webp image")
-        self.every = [c.name for c in concepts] if config.classes == "all" else None
-        self.by_word = {word.lower(): c.name for c in concepts for word in c.words}
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def line(self, i: int) -> tuple[str, PromptLine]:
-        name = self.files[i]
-        where = f"input.images '{name}'"
-        if self.every is not None:
-            classes = self.every
-        else:
-            folder = name.rpartition("/")[0].rpartition("/")[2]
-            if not folder:
-                raise PromptError(f"{where}: lies in the folder itself; with input.classes: folder each image lies "
-                                  "in a folder named by its class (or set input.classes: all)")
-            if folder.lower() not in self.by_word:
-                raise PromptError(f"{where}: its folder '{folder}' is not one of the run's classes (names or synonyms)")
-            classes = [self.by_word[folder.lower()]]
-        return where, PromptLine(image=name, concepts=[LineConcept(word=c, class_=c) for c in classes])
 
 
 Rendered = tuple[str, str, str, list[ConceptSpan]]  # prompt, background prompt, removal negative, concepts
@@ -179,9 +95,13 @@ class PromptBuilder:
                 firsts += (extra_of_first.sum() - extra_of_first) / (len(concepts) - 1)
             return {c.class_id: float(round(n, 1)) if n % 1 else int(n) for c, n in zip(concepts, firsts)}
         counts = dict.fromkeys((c.class_id for c in concepts), 0)
+        if isinstance(self.lines, ImageFolder):
+            for name, n in self.lines.class_counts(samples).items():
+                counts[self.by_name[name.lower()].class_id] += n
+            return counts
         cycles, rest = divmod(samples, len(self.lines))
-        for i in range(min(samples, len(self.lines))):
-            for concept in self._classes(*self.lines.line(i)):
+        for i, (where, line) in zip(range(min(samples, len(self.lines))), self.lines.stream()):
+            for concept in self._classes(where, line):
                 counts[concept.class_id] += cycles + (i < rest)
         return counts
 
@@ -221,36 +141,65 @@ class PromptBuilder:
         Templates: each with every concept word and the longest filler options (most tokens,
         so the concept sits as late as it ever will); templates of several concepts with the
         longest words of distinct classes, longest first, and suffixed fillers drawn apart.
-        A prompts file: every line. A folder: every image's classes, then the templates that
-        caption them as above."""
+        A prompts file: every line with a prompt; the lines the templates caption, once per
+        distinct set of words and classes, with every template that can caption them at its
+        longest. A folder: every folder's classes, then the templates as above."""
         if isinstance(self.lines, JsonLines):
-            for i in range(len(self.lines)):
-                self.from_line(i)
+            captioned: dict[tuple, tuple[str, list[ConceptConfig]]] = {}
+            for where, line in self.lines.stream():
+                self._image(where, line)
+                if line.prompt is None:
+                    chosen = self._classes(where, line)
+                    key = (tuple(c.class_id for c in chosen), tuple(item.word for item in line.concepts), line.background)
+                    captioned.setdefault(key, (where, chosen))
+                else:
+                    self._rendered(where, line, 0)
+            for (_, words, background), (where, chosen) in captioned.items():
+                self._check_caption(where, chosen, list(words), background)
             return
         counts = self.config.counts_per_image
         if isinstance(self.lines, ImageFolder):
-            counts = {len(self._classes(*self.lines.line(i))) for i in range(len(self.lines))}
+            counts = {len(self._classes(*self.lines.line(i))) for i in self.lines.first_of_each_folder()}
         self._check_templates(counts)
 
-    def _check_templates(self, counts) -> None:
-        def by_length(words):
-            return sorted(words, key=lambda w: -self.layout.count(w))
+    @functools.cached_property
+    def _fillers_by_length(self) -> dict[str, list[str]]:
+        return {name: self._by_length(options) for name, options in self.config.fillers.items()}
 
-        fillers = {name: by_length(options) for name, options in self.config.fillers.items()}
-        longest = {name: options[0] for name, options in fillers.items()}
+    def _by_length(self, words: list[str]) -> list[str]:
+        return sorted(words, key=lambda w: -self.layout.count(w))
+
+    def _worst_fills(self, template: str) -> dict[str, str]:
+        """The template's fillers at their longest (most tokens); suffixed ones the next-longest."""
+        fillers = self._fillers_by_length
+        fills = {name: options[0] for name, options in fillers.items()}
+        for field in sorted(fields_of(template) - set(CONCEPT_SLOTS) - set(fills)):
+            options = fillers[filler_of(field)]
+            used = sum(1 for f in fills if filler_of(f) == filler_of(field))
+            fills[field] = options[min(used, len(options) - 1)]
+        return fills
+
+    def _check_caption(self, where: str, chosen: list[ConceptConfig], words: list[str], background: str | None) -> None:
+        """Every template that may caption these words and classes, at its longest."""
+        choices = self._choices(self.config.concepts.index(chosen[0]), len(chosen))
+        if not choices:
+            raise PromptError(f"{where}: no template names {len(chosen)} concept(s); give the line a prompt")
+        for template, template_background, _ in choices:
+            try:
+                self._from_template(chosen, template, background or template_background, self._worst_fills(template), words)
+            except PromptError as error:
+                raise PromptError(f"{where}: {error}") from None
+
+    def _check_templates(self, counts) -> None:
         concepts = self.config.concepts
         # several concepts: each slot the longest word of another class, longest first, so
         # every slot sits as late as it can; suffixed fillers the next-longest values
-        ranked = sorted(((by_length(c.words)[0], c) for c in concepts), key=lambda wc: -self.layout.count(wc[0]))
+        ranked = sorted(((self._by_length(c.words)[0], c) for c in concepts), key=lambda wc: -self.layout.count(wc[0]))
         for count in sorted(set(counts)):
             firsts = enumerate(concepts) if count == 1 else [(0, ranked[0][1])]
             for concept_index, concept in firsts:
                 for template, background, where in self._choices(concept_index, count):
-                    fills = dict(longest)
-                    for field in sorted(fields_of(template) - set(CONCEPT_SLOTS) - set(longest)):
-                        options = fillers[filler_of(field)]
-                        used = sum(1 for f in fills if filler_of(f) == filler_of(field))
-                        fills[field] = options[min(used, len(options) - 1)]
+                    fills = self._worst_fills(template)
                     if count == 1:
                         tries = [([concept], [word]) for word in concept.words]
                     else:
@@ -270,14 +219,17 @@ class PromptBuilder:
     def _image(self, where: str, line: PromptLine) -> str | None:
         if line.image is None:
             return None
-        path = (self.lines.base / line.image).resolve()
-        if isinstance(self.lines, JsonLines) and not path.is_file():  # a folder's images were found there
+        path = os.path.normpath(os.path.join(self.lines.base, line.image))
+        if isinstance(self.lines, JsonLines) and not os.path.isfile(path):  # a folder's images were found there
             raise PromptError(f"{where}: image '{line.image}' is not a file (paths are relative to the prompts file)")
-        return str(path)
+        return path
 
     def from_line(self, i: int) -> Rendered:
         where, line = self.lines.line(i)
         self._image(where, line)  # a missing image is a planning error naming the line
+        return self._rendered(where, line, i)
+
+    def _rendered(self, where: str, line: PromptLine, i: int) -> Rendered:
         if line.prompt is None:  # an image with its classes only: the templates caption it
             return self._caption(where, line, np.random.default_rng(i))
         found = []

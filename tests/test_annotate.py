@@ -280,3 +280,29 @@ def test_the_shipped_annotate_config_labels_its_renders_close_to_its_figure(tmp_
         ious.append(((sample.mask == truth) & (truth > 0) & valid).sum() / max(union.sum(), 1))
     assert len(ious) == 24
     assert np.mean(ious) >= 0.93, np.round(ious, 2)
+
+
+def test_lines_the_templates_caption_are_checked_before_any_work(config_dict, write_config, tmp_path, capsys):
+    """Captioned lines are checked once per distinct words and classes, each with every
+    template that may caption them at its longest; a bad one names its line."""
+    long_word = "zebra" + "zebra" * 40  # far past the tiny encoder's token limit
+    far = " ".join(["distant"] * 80)
+    for extra, places, error in (
+        ({"image": "images/000.png", "concepts": ["dog", "zebra"]}, ["park"],
+         "error: prompts.file line 4: no template names 2 concept(s); give the line a prompt"),
+        ({"image": "images/000.png", "concepts": [{"word": long_word, "class": "zebra"}]}, ["park"],
+         f"error: prompts.file line 4: 'in a park, a photo of a {long_word}': concept falls outside the first 75 tokens"),
+        ({"image": "images/000.png", "concepts": ["zebra"]}, ["park", far],  # the longest filler a draw may take
+         f"error: prompts.file line 4: 'in a {far}, a photo of a zebra': concept falls outside the first 75 tokens"),
+    ):
+        lines = image_lines(tmp_path, 3)
+        lines.write_text(lines.read_text() + json.dumps(extra) + "\n")
+        data = annotate_config(config_dict, lines, 3)  # line 4 is never drawn: the check alone finds it
+        data["prompts"]["fillers"] = {"place": places}
+        data["prompts"]["templates"] = ["in a {place}, a photo of a {concept}"]
+        for command in (["plan", "--config", str(write_config(data))],
+                        ["run", "--config", str(write_config(data)), "--out", str(tmp_path / "run"), "--quiet"]):
+            assert launch.main(command) == 2
+            message = capsys.readouterr().err.strip().splitlines()[-1]
+            assert message == error
+        assert not (tmp_path / "run").exists()

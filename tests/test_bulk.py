@@ -201,6 +201,36 @@ def test_plan_counts_and_cost_against_a_counted_run(config_dict, write_config, c
         assert cost["device_seconds"] == pytest.approx(cost["run_pflop"] * 1e3 / (2 * 0.5), rel=1e-3)
 
 
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_plan_counts_annotate_cost_against_a_counted_run(config_dict, write_config, capsys, tmp_path, guidance):
+    """An annotated sample's FLOPs: its own steps and guidance (not generation's), its encodes."""
+    from collections import defaultdict as dd
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from maskmint.pipeline.worker import ShardWorker, as_columns
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    (tmp_path / "lines.jsonl").write_text(json.dumps({"image": "photo.png", "prompt": "a dog", "concepts": ["dog"]}) + "\n")
+    data = copy.deepcopy(config_dict)
+    data["prompts"]["file"] = str(tmp_path / "lines.jsonl")
+    data["annotate"] = {"steps": 6, "strength": 0.5, "guidance_scale": guidance}
+    data["generation"]["batch_size"] = 1
+    data["mask"] = {"tau": 0.01, "min_area": 0.0}
+    path = write_config(data)
+    cost = plan_json(capsys, path)["cost"]
+    assert "generate_denoiser" not in cost["by_part_tflop"]
+    worker = ShardWorker(load_config(path), tmp_path / "scratch")
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = worker.model_stages(as_columns([worker.plan.sample(0)]), dd(float))
+    worker.close()
+    assert out["weak_mask"].any()
+    counted = counter.get_total_flops() / 1e12
+    assert abs(cost["tflop_per_triple"] - counted) / counted < 0.02, (cost, counted)
+
+
 @pytest.fixture(scope="module")
 def small_run(tiny_model_dir, tmp_path_factory):
     data = json.loads(json.dumps(__import__("tests.conftest", fromlist=["BASE_CONFIG"]).BASE_CONFIG))

@@ -361,3 +361,33 @@ def test_evaluate_mistakes_are_one_line(folder_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         launch.main(["evaluate", str(out), "--truth", str(unrelated), "--band", "half"])
     assert exit_.value.code == 2
+
+
+def test_a_run_stored_at_the_source_size_keeps_the_source_and_scores_the_same(folder_run, tiny_model_dir, tmp_path,
+                                                                              capsys):
+    config, fitted_run, images = folder_run
+    data = yaml.safe_load(config.read_text())
+    data["annotate"]["store_size"] = "source"
+    data["output"]["image_format"] = "png"
+    out = tmp_path / "run"
+    assert launch.main(["run", "--config", str(write(data, tmp_path / "run.yaml")), "--out", str(out), "--quiet"]) == 0
+    fitted = {s.key: s for s in read_samples(fitted_run)}
+    stored = {s.key: s for s in read_samples(out)}
+    assert sorted(stored) == sorted(fitted) == ["0000000000", "0000000001", "0000000002"]
+    for (name, rows, cols), key in zip(SOURCES, sorted(stored)):
+        sample = stored[key]
+        source = np.asarray(Image.open(images / name).convert("RGB"))
+        assert np.array_equal(sample.image, source)  # the source itself, not a resample of it
+        assert np.array_equal(sample.mask, on_source_grid(fitted[key].mask, rows, cols))
+        assert sample.heatmap.shape == (1, rows, cols) and sample.background.shape == (rows, cols, 3)
+        assert (sample.metadata["height"], sample.metadata["width"]) == (rows, cols)
+        if cols == 96:  # where the crop cut away, the background is the source's own pixels
+            assert np.array_equal(sample.background[:, :16], source[:, :16])
+    truth = tmp_path / "truth"
+    write_voc_truth(truth)
+    capsys.readouterr()
+    reports = []
+    for run in (fitted_run, out):
+        assert launch.main(["evaluate", str(run), "--truth", str(truth), "--json"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert {k: v for k, v in reports[0].items() if k != "run"} == {k: v for k, v in reports[1].items() if k != "run"}
