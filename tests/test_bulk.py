@@ -170,16 +170,25 @@ def test_one_line_configs_shipped_run(tmp_path, capsys, write_config):
     assert [names[c] for k in sorted(stats.classes) for c in stats.classes[k]] == [line["concepts"][0] for line in lines[:8]]
 
 
-def test_plan_counts_and_cost_against_a_counted_run(config_dict, write_config, capsys, tmp_path):
-    """The plan's FLOPs per triple against torch's counter over the real model stages (math
-    attention, so attention matmuls are counted), for both removal paths."""
-    from collections import defaultdict as dd
-
+def counted_tflop(path: Path, tmp_path: Path) -> float:
+    """TFLOPs torch counts over the model stages of sample 0 (math attention, so attention
+    matmuls are counted); its weak mask must be non-empty, so removal runs."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from maskmint.pipeline.worker import ShardWorker, as_columns
 
+    worker = ShardWorker(load_config(path), tmp_path / "scratch")
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = worker.model_stages(as_columns([worker.plan.sample(0)]), defaultdict(float))
+    worker.close()
+    assert out["weak_mask"].any()
+    return counter.get_total_flops() / 1e12
+
+
+def test_plan_counts_and_cost_against_a_counted_run(config_dict, write_config, capsys, tmp_path):
+    """The plan's FLOPs per triple against torch's counter over the real model stages (math
+    attention, so attention matmuls are counted), for both removal paths."""
     for removal in ({"steps": 3, "guidance_scale": 5.0}, {"steps": 4, "strength": 0.75, "guidance_scale": 1.0, "prefill": True}):
         data = copy.deepcopy(config_dict)
         data["removal"] = removal
@@ -190,12 +199,7 @@ def test_plan_counts_and_cost_against_a_counted_run(config_dict, write_config, c
         report = plan_json(capsys, path, "--peak-tflops", "2", "--utilisation", "0.5")
         assert report["samples"] == 10 and report["shards"] == 3 and report["classes"] == {"dog": 5, "zebra": 5}
         cost = report["cost"]
-        worker = ShardWorker(load_config(path), tmp_path / "scratch")
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            out = worker.model_stages(as_columns([worker.plan.sample(0)]), dd(float))
-        worker.close()
-        assert out["weak_mask"].any()
-        counted = counter.get_total_flops() / 1e12
+        counted = counted_tflop(path, tmp_path)
         assert abs(cost["tflop_per_triple"] - counted) / counted < 0.02, (cost, counted)
         assert cost["run_pflop"] == pytest.approx(cost["tflop_per_triple"] * 10 / 1000, rel=1e-3)
         assert cost["device_seconds"] == pytest.approx(cost["run_pflop"] * 1e3 / (2 * 0.5), rel=1e-3)
@@ -204,13 +208,6 @@ def test_plan_counts_and_cost_against_a_counted_run(config_dict, write_config, c
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_plan_counts_annotate_cost_against_a_counted_run(config_dict, write_config, capsys, tmp_path, guidance):
     """An annotated sample's FLOPs: its own steps and guidance (not generation's), its encodes."""
-    from collections import defaultdict as dd
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from maskmint.pipeline.worker import ShardWorker, as_columns
-
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
     (tmp_path / "lines.jsonl").write_text(json.dumps({"image": "photo.png", "prompt": "a dog", "concepts": ["dog"]}) + "\n")
@@ -222,12 +219,7 @@ def test_plan_counts_annotate_cost_against_a_counted_run(config_dict, write_conf
     path = write_config(data)
     cost = plan_json(capsys, path)["cost"]
     assert "generate_denoiser" not in cost["by_part_tflop"]
-    worker = ShardWorker(load_config(path), tmp_path / "scratch")
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        out = worker.model_stages(as_columns([worker.plan.sample(0)]), dd(float))
-    worker.close()
-    assert out["weak_mask"].any()
-    counted = counter.get_total_flops() / 1e12
+    counted = counted_tflop(path, tmp_path)
     assert abs(cost["tflop_per_triple"] - counted) / counted < 0.02, (cost, counted)
 
 
