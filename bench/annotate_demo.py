@@ -5,7 +5,8 @@
 
 OUT/images/NNNN.png (the scenes), OUT/truth/NNNN.png (class-index PNGs, VOC's
 SegmentationClass layout: 0 background, the shape's class id) and OUT/lines.jsonl (one line
-per image: its caption and its shapes as concepts). Seeds from 7 up are not the ones the toy
+per image: its caption, its shapes as concepts, and the scene without them as the
+background prompt). Seeds from 7 up are not the ones the toy
 model or the quality benchmarks were tuned on.
 """
 
@@ -30,7 +31,9 @@ def write_scenes(out: Path, count: int, seed: int, objects: list[int]) -> list[d
         name = f"{i:04d}.png"
         cv2.imwrite(str(out / "images" / name), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR))
         cv2.imwrite(str(out / "truth" / name), scene.mask)
-        lines.append({"image": f"images/{name}", "prompt": scene.caption, "concepts": [s for _, s in scene.objects]})
+        background = scene.caption.rpartition(" on ")[2]  # the scene without its objects: what removal asks for
+        lines.append({"image": f"images/{name}", "prompt": scene.caption, "concepts": [s for _, s in scene.objects],
+                      "background": background})
     (out / "lines.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return lines
 

@@ -24,9 +24,16 @@ from maskmint.stages.sources import ImageFolder, JsonLines
 from maskmint.stages.tokens import PromptError, TextLayout
 
 
+# Words that end a noun phrase's modifiers: "a photo of a dog" keeps "a photo of".
+JOINING_WORDS = r"(?:a|an|the|of|in|on|at|with|and|or|by|near|under|over|behind|from|to|for|into|onto|beside)"
+
+
 def _drop_concept(text: str, word: str) -> str:
-    # "a photo of a dog in a park" -> "a photo of in a park": the article goes with the word.
-    text = re.sub(rf"\b(?:an?|the)\s+{re.escape(word)}\b", "", text, count=1, flags=re.IGNORECASE)
+    # "a photo of a dog in a park" -> "a photo of in a park": the article goes with the word,
+    # and so do up to three modifiers between them ("a green square on ..." -> "on ..."), so
+    # that removal is not asked for a green thing.
+    modifiers = rf"(?:(?!{JOINING_WORDS}\b)[\w-]+\s+){{0,3}}"
+    text = re.sub(rf"\b(?:an?|the)\s+{modifiers}{re.escape(word)}\b", "", text, count=1, flags=re.IGNORECASE)
     text = re.sub(rf"\b{re.escape(word)}\b", "", text, count=1, flags=re.IGNORECASE)
     return re.sub(r"\s+", " ", text).strip(" ,")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from maskmint.pipeline.testing.tiny_models import build_tokenizer
 from maskmint.schemas.config import FilterConfig, MaskConfig, RefineConfig
@@ -175,3 +177,26 @@ def test_prompt_builder_is_deterministic_and_balanced(tokenizer):
         assert span.name in negative
     assert {m[0] for m in made if m[3][0].name == "cat"} >= {"a cat on a table"}
     assert "a table" in {m[1] for m in made} or "a beach" in {m[1] for m in made}
+
+
+@pytest.mark.parametrize("prompt, word, background", [
+    ("a photo of a dog in a park", "dog", "a photo of in a park"),
+    ("a green square on a striped white background", "square", "on a striped white background"),
+    ("an old-fashioned red bus in the rain", "bus", "in the rain"),
+    ("a photo of the cute little dog", "dog", "a photo of"),
+    ("a big red dog and a cat in a kitchen", "dog", "a cat in a kitchen"),
+    ("dog on grass", "dog", "on grass"),
+])
+def test_a_default_background_drops_the_concept_with_its_article_and_modifiers(prompt, word, background):
+    from maskmint.stages.prompts import _drop_concept, _drop_dangling_joins
+
+    assert _drop_dangling_joins(_drop_concept(prompt, word)) == background
+
+
+@given(st.lists(st.sampled_from(["red", "big", "old-fashioned", "striped", "tiny"]), max_size=3),
+       st.sampled_from(["a photo of", "a picture taken with", "in the style of a drawing of"]))
+def test_no_modifier_of_the_concept_is_left_for_removal_to_draw(modifiers, lead):
+    from maskmint.stages.prompts import _drop_concept, _drop_dangling_joins
+
+    prompt = " ".join([lead, "a", *modifiers, "dog", "in a park"])
+    assert _drop_dangling_joins(_drop_concept(prompt, "dog")) == f"{lead} in a park"
