@@ -363,3 +363,61 @@ def test_concept_attention_softmax_shares_each_pixel(dit):
     assert maps.shape[1] == 2
     assert torch.all(maps.sum(1) <= 1 + 1e-3) and torch.all(maps >= 0)
     assert torch.all(maps[1, 1] == 0)  # the second sample has one object: its padded slot is empty
+
+
+def test_capture_on_a_real_image_equals_a_slow_reference_and_every_step_reads_the_image(dit, tmp_path):
+    """Annotate on the MM-DiTs: every transformer call's inputs are recorded, the transformer
+    is run again on them with processors that keep each joint softmax, and the maps are
+    aggregated the slow way. Every call after the first starts from the clean latent noised
+    afresh along the flow: its residual over the clean latent's share is a standard normal draw."""
+    from PIL import Image
+
+    from maskmint.schemas.config import AnnotateConfig
+    from maskmint.stages.annotate import Annotate
+
+    name, pipe = dit
+    batch, layout = _batch(pipe)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        image = np.full((TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3), 100, np.uint8)
+        image[8:20, 10 + i : 24 + i] = rng.integers(0, 255, 3)
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    capture = CaptureConfig(steps=[0, 2])  # the step gate counts annotate's steps too
+    generate = Generate(pipe, GenerationConfig(steps=STEPS), capture)
+    annotate = Annotate(pipe, generate.family, generate.layout, generate.store, (TEST_IMAGE_SIZE,) * 2,
+                        AnnotateConfig(steps=STEPS, strength=1.0, guidance_scale=1.0), capture)
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+
+    hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        out = annotate({**batch, "image_path": paths})
+    finally:
+        hook.remove()
+    assert len(calls) == STEPS
+    captured = annotate.store.heatmaps(token_slots(batch["concepts"])[1]).numpy()
+
+    log = []
+    transformer = pipe.transformer
+    saved = dict(transformer.attn_processors)
+    transformer.set_attn_processor({n: _storing(name)(n.removesuffix(".processor"), log) for n in saved})
+    try:
+        with torch.no_grad():
+            for kwargs in calls:
+                transformer(**kwargs)
+    finally:
+        transformer.set_attn_processor(saved)
+    latent = TEST_IMAGE_SIZE // pipe.vae_scale_factor
+    expected = reference_heatmaps(log, 2, batch["concepts"], latent, {0, 2}, False, [8])
+    assert expected.max() > 0
+    np.testing.assert_allclose(captured, expected, rtol=2e-3, atol=1e-6)
+
+    clean = out["latents"]  # in the transformer's own layout (packed for Flux)
+    for kwargs in calls[1:]:
+        sigma = float(kwargs["timestep"].flatten()[0]) / (1000.0 if name == "sd3" else 1.0)
+        residual = (kwargs["hidden_states"] - (1 - sigma) * clean) / sigma
+        assert abs(float(residual.mean())) < 0.25 and 0.75 < float(residual.std()) < 1.25, (sigma, float(residual.std()))
