@@ -312,3 +312,41 @@ def test_lines_the_templates_caption_are_checked_before_any_work(config_dict, wr
             message = capsys.readouterr().err.strip().splitlines()[-1]
             assert message == error
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family, changes", [
+    ("sd", {"model": {"inpaint_path": "DEDICATED"}}),
+    ("sd", {"removal": {"prefill": True, "strength": 0.75, "steps": 4},
+            "capture": {"self_attention": True, "self_attention_downscale": 1, "self_attention_power": 1}}),
+    ("sd3", {"capture": {"recipe": "concept_attention"}, "mask": {"normalise": "none"}}),
+    ("flux", {"capture": {"recipe": "concept_attention"}, "mask": {"normalise": "none"}}),
+])
+def test_annotate_takes_every_recipe_and_removal(family, changes, config_dict, write_config, tmp_path):
+    """A real image through each capture recipe, self-attention refinement, a dedicated
+    inpainting UNet and prefilled removal: every key written, its maps read, its background
+    removed from the image's own latents."""
+    from diffusers import UNet2DConditionModel
+
+    from bench.train_toy_inpaint import inpainting_unet
+
+    folder = tmp_path / family
+    BUILDERS[family](seed=5, image_size=TEST_IMAGE_SIZE).save_pretrained(folder)
+    data = annotate_config(config_dict, image_lines(tmp_path, 2), 2)
+    data["model"]["path"] = str(folder)
+    data["filter"] = {**config_dict["filter"], "min_mask_fraction": 0.0}
+    data["mask"] = {"tau": 0.01, "min_area": 0.0}  # a region to remove on the untrained models
+    for section, values in changes.items():
+        data[section] = {**data.get(section, {}), **values}
+    if data["model"].get("inpaint_path") == "DEDICATED":
+        inpainting_unet(UNet2DConditionModel.from_pretrained(folder, subfolder="unet")).save_pretrained(
+            tmp_path / "inpaint" / "unet")
+        data["model"]["inpaint_path"] = str(tmp_path / "inpaint")
+    out = tmp_path / "run"
+    assert run_cli(write_config(data), out) == 0
+    assert audit(out) == []
+    samples = list(read_samples(out))
+    assert [s.key for s in samples] == ["0000000000", "0000000001"]
+    for sample in samples:
+        assert sample.heatmap.max() > sample.heatmap.min()
+        assert sample.metadata["parameters"]["capture"]["recipe"] == data.get("capture", {}).get("recipe", "cross")
+        assert np.abs(sample.background.astype(int) - sample.image.astype(int)).max() > 0  # something was removed
