@@ -391,3 +391,22 @@ def test_a_run_stored_at_the_source_size_keeps_the_source_and_scores_the_same(fo
         assert launch.main(["evaluate", str(run), "--truth", str(truth), "--json"]) == 0
         reports.append(json.loads(capsys.readouterr().out))
     assert {k: v for k, v in reports[0].items() if k != "run"} == {k: v for k, v in reports[1].items() if k != "run"}
+
+
+def test_a_killed_folder_run_resumes_exactly(folder_run, tmp_path, monkeypatch):
+    """Shard 1 fails every try; the rerun makes it alone, and the tars equal an uninterrupted run's."""
+    from bench.chaos import audit
+    from maskmint.pipeline.testing.faults import FAULT_ENV
+    from tests.conftest import tar_fields
+
+    config, whole, _ = folder_run
+    out = tmp_path / "run"
+    monkeypatch.setenv(FAULT_ENV, "1")
+    assert launch.main(["run", "--config", str(config), "--out", str(out), "--quiet"]) == 1
+    monkeypatch.delenv(FAULT_ENV)
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")}
+    assert sorted(kept) == ["000000.tar"]
+    assert launch.main(["run", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    assert audit(out) == []
+    assert (out / "shards" / "000000.tar").stat().st_mtime_ns == kept["000000.tar"]
+    assert tar_fields(out) == tar_fields(whole)  # nothing lost, nothing twice, the same bytes
