@@ -41,7 +41,7 @@ class Plan:
         key = sample_key(index)
         seed = sample_seed(self.config.execution.seed, key)
         rng = np.random.default_rng(seed)
-        prompt, background, background_negative, concepts = self.builder(index, rng)
+        (prompt, background, background_negative, concepts), image = self.builder.planned(index, rng)
         return PlannedSample(
             index=index,
             key=key,
@@ -52,7 +52,7 @@ class Plan:
             negative_prompt=self.config.prompts.negative_prompt,
             background_negative_prompt=background_negative,
             concepts=concepts,
-            image=self.builder.image_of(index),
+            image=image,
         )
 
     def shard(self, shard: int) -> list[PlannedSample]:

@@ -217,11 +217,15 @@ class PromptBuilder:
                         except PromptError as error:
                             raise PromptError(f"{where}: {error}") from None
 
-    def image_of(self, index: int) -> str | None:
-        """The image sample `index` annotates (an absolute path), or None: it is generated."""
+    def planned(self, index: int, rng: np.random.Generator) -> tuple[Rendered, str | None]:
+        """Sample `index`'s prompt, and the image it annotates (an absolute path) or None: its
+        line read and parsed once for both."""
         if self.lines is None:
-            return None
-        return self._image(*self.lines.line(index % len(self.lines)))
+            return self(index, rng), None
+        i = index % len(self.lines)
+        where, line = self.lines.line(i)
+        image = self._image(where, line)
+        return self._rendered(where, line, i), image
 
     def _image(self, where: str, line: PromptLine) -> str | None:
         if line.image is None:
