@@ -88,6 +88,17 @@ class CaptureConfig(Section):
         default_factory=lambda: ["background"],
         description="concept_attention: words that compete with the objects in the softmax, then drop out",
     )
+    concept_variant: Literal["reference", "projected"] = Field(
+        default="reference",
+        description="concept_attention: reference: the paper's own code (outputs before their projections, a "
+        "softmax per block and step, then the mean; zero pooled vector); projected: its diffusers port's way "
+        "(outputs after their projections, summed, one softmax; the concepts' pooled text)",
+    )
+    concept_tokens: Literal["mean", "each", "first"] = Field(
+        default="mean",
+        description="concept_attention, a word of several T5 tokens: mean: their dot products averaged into "
+        "one logit; each: every token competes in the softmax, the word's shares summed; first: its first only",
+    )
     steps: list[int] | None = Field(
         default=None, description="denoising step indices to aggregate (0 = first); None = all"
     )

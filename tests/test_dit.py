@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
@@ -246,120 +244,3 @@ def test_plan_reports_tokens_of_the_longest_encoder_sequence(dit_dirs, config_di
     report = json.loads(capsys.readouterr().out)
     assert report["token_limit"] == 31  # the tiny T5's 32 less its EOS; CLIP keeps 75
     assert report["cost"]["tflop_per_triple"] > 0
-
-
-# what each transformer's forward multiplies its timestep (and guidance) input by
-TRANSFORMER_TIMESTEP_SCALE = {"sd3": 1.0, "flux": 1000.0}
-
-
-class SlowConceptAttention:
-    """ConceptAttention done the plain way: every block's inputs taken from the block itself,
-    its image attention recomputed, the concepts' softmax materialised in float64, and every
-    step's map kept apart until the end."""
-
-    def __init__(self, pipe, concepts: list[list[str]], background: list[str]):
-        self.pipe = pipe
-        self.family = family_of_pipeline(pipe)
-        self.layout = self.family.text_layout(pipe.components)
-        self.transformer = pipe.transformer
-        self.words = [ws + background for ws in concepts]
-        self.maps: list[torch.Tensor] = []  # one [B, K, N] per (step, block)
-        self.handles = [self.transformer.register_forward_pre_hook(self.start, with_kwargs=True)]
-        for block in self.transformer.transformer_blocks:
-            if not getattr(block, "context_pre_only", False):
-                self.handles.append(block.register_forward_hook(self.block, with_kwargs=True))
-
-    def start(self, module, args, kwargs):
-        batch = len(self.words)
-        states = []
-        for ws in self.words:
-            embeds, _ = self.family.encode_text(self.pipe, self.layout, ws)
-            states.append(embeds[:, self.layout.segments[-1].offset])
-        _, pooled = self.family.encode_text(self.pipe, self.layout, [" ".join(ws) for ws in self.words])
-        self.state = [self.transformer.context_embedder(s) for s in states]  # per sample: [K, D]
-        scale = TRANSFORMER_TIMESTEP_SCALE[self.family.name]
-        t = kwargs["timestep"][-batch:] * scale
-        g = kwargs.get("guidance")
-        embed = self.transformer.time_text_embed
-        self.temb = embed(t, g[-batch:] * scale, pooled) if g is not None else embed(t, pooled)
-
-    def block(self, block, args, kwargs, output):
-        batch = len(self.words)
-        image = kwargs["hidden_states"][-batch:]
-        temb = kwargs["temb"][-batch:]
-        norm_image = block.norm1(image, emb=temb)[0]
-        norm_text = block.norm1_context(kwargs["encoder_hidden_states"][-batch:], emb=temb)[0]
-        rotary = kwargs.get("image_rotary_emb")
-        extra = {"image_rotary_emb": rotary} if rotary is not None else {}
-        image_out = block.attn(hidden_states=norm_image, encoder_hidden_states=norm_text, **extra)[0]
-        attn, maps = block.attn, []
-        for b in range(batch):
-            state = self.state[b][None]
-            normed, gate, shift, scale, gate_mlp = block.norm1_context(state, emb=self.temb[b : b + 1])
-
-            def heads(x, norm=None):
-                x = x.view(1, x.shape[1], attn.heads, -1).transpose(1, 2)
-                return x if norm is None else norm(x)
-
-            q = heads(attn.add_q_proj(normed), attn.norm_added_q)
-            k_img = heads(attn.to_k(norm_image[b : b + 1]), attn.norm_k)
-            if rotary is not None:
-                n = k_img.shape[2]
-                k_img = apply_rotary_emb(k_img, (rotary[0][-n:], rotary[1][-n:]), sequence_dim=2)
-            k = torch.cat([heads(attn.add_k_proj(normed), attn.norm_added_k), k_img], 2)
-            v = torch.cat([heads(attn.add_v_proj(normed)), heads(attn.to_v(norm_image[b : b + 1]))], 2)
-            probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
-            out = attn.to_add_out((probs @ v.double()).float().transpose(1, 2).reshape(1, state.shape[1], -1))
-            maps.append((out[0].double() @ image_out[b].double().T))  # [K, N]
-            state = state + gate.unsqueeze(1) * out
-            normed = block.norm2_context(state) * (1 + scale[:, None]) + shift[:, None]
-            self.state[b] = (state + gate_mlp.unsqueeze(1) * block.ff_context(normed))[0]
-        self.maps.append(maps)
-
-    def heatmaps(self, objects: int, latent: int) -> np.ndarray:
-        for handle in self.handles:
-            handle.remove()
-        result = np.zeros((len(self.words), objects, latent, latent))
-        for b, ws in enumerate(self.words):
-            mean = torch.stack([step[b] for step in self.maps]).mean(0)  # [K, N]
-            probs = torch.softmax(mean, dim=0)
-            side = int(math.isqrt(probs.shape[1]))
-            for k in range(len(ws) - 1):  # the objects; the one background word drops out
-                grid = probs[k].float().reshape(1, 1, side, side)
-                result[b, k] = F.interpolate(grid, size=(latent, latent), mode="bicubic", align_corners=False).clamp(0, 1)[0, 0]
-        return result
-
-
-def test_concept_attention_equals_slow_reference_and_leaves_images_alone(dit):
-    name, pipe = dit
-    batch, layout = _batch(pipe)
-    latent = TEST_IMAGE_SIZE // pipe.vae_scale_factor
-    plain, _ = _generate_plain(name, pipe, batch, layout, lambda layer, log: DEFAULT_PROCESSORS[name]())
-    slow = SlowConceptAttention(pipe, [[s.word for s in spans] for spans in batch["concepts"]], ["background"])
-    slow_image, _ = _generate_plain(name, pipe, batch, layout, lambda layer, log: DEFAULT_PROCESSORS[name]())
-    expected = slow.heatmaps(1, latent)
-
-    generate = Generate(pipe, GenerationConfig(steps=STEPS, guidance_scale=5.0),
-                        CaptureConfig(recipe="concept_attention"))
-    out = generate(batch)
-    captured = generate.store.heatmaps(token_slots(batch["concepts"])[1]).numpy()
-    assert len(slow.maps) == STEPS * len(generate.store.blocks)
-    assert expected.max() - expected.min() > 1e-3  # the maps are not flat
-    np.testing.assert_allclose(captured, expected, rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(out["image"], plain)  # the concept tokens change nothing in the image
-    np.testing.assert_array_equal(slow_image, plain)
-
-
-def test_concept_attention_softmax_shares_each_pixel(dit):
-    """Objects and background concepts split every pixel: the objects' maps sum to at most 1."""
-    name, pipe = dit
-    batch, _ = _batch(pipe)
-    batch["concepts"][0].append(ConceptSpan(name="park", class_id=3, word="park", char_span=(22, 26),
-                                            token_positions=[0]))
-    generate = Generate(pipe, GenerationConfig(steps=2), CaptureConfig(recipe="concept_attention",
-                                                                       background_concepts=["background", "scene"]))
-    generate(batch)
-    maps = generate.store.heatmaps(token_slots(batch["concepts"])[1])
-    assert maps.shape[1] == 2
-    assert torch.all(maps.sum(1) <= 1 + 1e-3) and torch.all(maps >= 0)
-    assert torch.all(maps[1, 1] == 0)  # the second sample has one object: its padded slot is empty

@@ -1,17 +1,28 @@
 """ConceptAttention (Helbling et al., ICML 2025): concept maps in an MM-DiT's output space.
 
-Each concept word is encoded on its own (the first T5 token of the word), projected like the
-prompt's tokens, and carried through the double-stream blocks with the text stream's own
-weights (context norm and modulation, its q/k/v and output projections, its feed-forward).
-Concept queries attend to the concept and image keys; nothing attends to the concepts, so
-the image is what it would have been without them. In each block read, the map of a concept
-is the dot product of its attention output with every image token's attention output; the
-maps are summed over the blocks and steps read, averaged, and a softmax across the sample's
-concepts (its objects plus `capture.background_concepts`) makes them compete per pixel.
+Each concept word is encoded on its own by T5 and its tokens are carried, beside the prompt,
+through the double-stream blocks with the text stream's own weights (context norm and
+modulation, its q/k/v and output projections, its feed-forward). Concept queries attend to
+the concept and image keys; nothing attends to the concepts, so the image is what it would
+have been without them.
 
-PyTorch forward hooks on the transformer (for the step's timestep and guidance) and on each
-double-stream block's attention module (for its normalised image input and its output) see
-what the block computes; they change nothing it returns.
+`capture.concept_variant: reference` (the default) computes what the paper's own code does:
+in each block read, a concept's map is the dot product of its attention output with every
+image token's attention output, both *before* the output projections; a softmax across the
+sample's concepts (its objects plus `capture.background_concepts`) is taken per block and
+step, and those shares are averaged; the concept stream is modulated by the step's time
+(and distilled guidance) with a zero pooled text vector. `projected` is the variant of the
+paper's diffusers port: the outputs after their projections, summed over blocks and steps
+before one softmax, and the concepts' own pooled text in the modulation.
+
+`capture.concept_tokens` says how a word of several T5 tokens counts: `mean` averages its
+tokens' dot products into the word's logit, `each` lets every token compete in the softmax
+and sums the word's shares, `first` keeps only its first token (the reference code's way).
+
+PyTorch hooks on the transformer (for the step's timestep and guidance), on each block's
+attention module (its normalised image input and its output) and on its image output
+projection (that projection's input) see what the block computes; they change nothing it
+returns.
 """
 
 from __future__ import annotations
@@ -25,29 +36,41 @@ from maskmint.schemas.records import ConceptSpan
 from maskmint.stages.capture.store import StepGate, as_grid, tensor_bytes, upsample
 
 
+def word_token_positions(layout, word: str) -> list[int]:
+    """Where a word encoded alone puts its own T5 tokens (specials and empty pieces left out)."""
+    segment = layout.segments[-1]
+    offsets = segment.tokenizer(word, return_offsets_mapping=True).offset_mapping
+    return [segment.offset + i for i, (start, end) in enumerate(offsets) if end > start]
+
+
 class ConceptAttentionStore:
     """The store of recipe `concept_attention`. `family` says where the double-stream blocks
     are and how a step's time (and distilled guidance) conditions them."""
 
     def __init__(self, pipe, family, layout, config: CaptureConfig):
         self.pipe, self.family, self.layout, self.config = pipe, family, layout, config
+        self.reference = config.concept_variant == "reference"
         self.transformer = family.denoiser(pipe)
         self.blocks = family.double_stream_blocks(self.transformer)
         self.read = set(range(len(self.blocks)) if config.blocks is None else config.blocks)
+        if not self.reference:  # the projected variant needs the text output projection a last SD3 block lacks
+            self.read = {i for i in self.read if not getattr(self.blocks[i], "context_pre_only", False)}
         self.gate = StepGate(config)
         self.on_step_end = self.gate.on_step_end
-        self.sums: torch.Tensor | None = None  # [B, K, N]: concept x image-token dot products, summed
+        self.sums: torch.Tensor | None = None  # [B, K, N]: per-block shares (reference) or slot logits, summed
         self.initial: torch.Tensor | None = None
+        self.state = self._image_vectors = None
         self.terms = 0
         self.transformer.register_forward_pre_hook(self._on_transformer, with_kwargs=True)
         for index, block in enumerate(self.blocks):
+            block.attn.to_out[0].register_forward_pre_hook(self._keep_image_vectors)
             block.attn.register_forward_hook(self._block_hook(index, block), with_kwargs=True)
 
     # -- per batch -------------------------------------------------------------------------
     @torch.no_grad()
     def begin(self, concepts: list[list[ConceptSpan]], token_index, latent_hw: tuple[int, int]) -> None:
-        """Encode each sample's concepts (its objects, then the background concepts); token
-        positions in the prompt are not needed here."""
+        """Encode each sample's concepts (its objects, then the background concepts) into token
+        slots, each owned by one concept; token positions in the prompt are not needed here."""
         self.latent_hw = latent_hw
         self.objects = max(len(spans) for spans in concepts)
         background = list(self.config.background_concepts)
@@ -55,28 +78,41 @@ class ConceptAttentionStore:
         kinds = self.objects + len(background)
         unique = sorted({w for ws in words for w in ws} | set(background))
         embeds, _ = self.family.encode_text(self.pipe, self.layout, unique)
-        first_t5 = self.layout.segments[-1].offset
-        token_of = dict(zip(unique, embeds[:, first_t5]))
+        tokens_of = {}
+        for row, word in enumerate(unique):
+            positions = word_token_positions(self.layout, word) or [self.layout.segments[-1].offset]
+            tokens_of[word] = embeds[row, positions[:1] if self.config.concept_tokens == "first" else positions]
+        per_sample = [ws + [None] * (self.objects - len(ws)) + background for ws in words]
+        slots = max(sum(len(tokens_of[w]) for w in ws if w is not None) for ws in per_sample)
         width = embeds.shape[-1]
-        tokens = torch.zeros(len(concepts), kinds, width, dtype=embeds.dtype, device=embeds.device)
-        self.valid = torch.zeros(len(concepts), kinds, dtype=torch.bool, device=embeds.device)
-        for b, ws in enumerate(words):
-            for k, word in enumerate(ws + [None] * (self.objects - len(ws)) + background):
+        tokens = torch.zeros(len(concepts), slots, width, dtype=embeds.dtype, device=embeds.device)
+        self.owner = torch.zeros(len(concepts), slots, kinds, device=embeds.device)  # slot -> its concept
+        for b, ws in enumerate(per_sample):
+            s = 0
+            for k, word in enumerate(ws):
                 if word is not None:
-                    tokens[b, k], self.valid[b, k] = token_of[word], True
-        _, self.pooled = self.family.encode_text(self.pipe, self.layout, [" ".join(ws + background) for ws in words])
+                    n = len(tokens_of[word])
+                    tokens[b, s : s + n], self.owner[b, s : s + n, k] = tokens_of[word], 1
+                    s += n
+        self.valid_slot = self.owner.sum(2) > 0
+        self.valid = self.owner.sum(1) > 0  # [B, K]: a padded object slot takes no part
+        if self.reference:
+            self.pooled = torch.zeros(len(concepts), self.transformer.config.pooled_projection_dim,
+                                      dtype=embeds.dtype, device=embeds.device)
+        else:
+            _, self.pooled = self.family.encode_text(self.pipe, self.layout, [" ".join(ws + background) for ws in words])
         self.initial = self.transformer.context_embedder(tokens)
         self.sums, self.terms = None, 0
         self.gate.start()
 
     def end(self) -> None:
         self.gate.stop()
-        self.state = None
+        self.state = self._image_vectors = None
 
     # -- hooks -----------------------------------------------------------------------------
     def _on_transformer(self, module, args, kwargs):
         """A denoiser call begins: the concepts start again from their embedding, with this step's
-        time (and distilled guidance) conditioning and the concepts' own pooled text."""
+        time (and distilled guidance) conditioning."""
         self.state = None
         if not self.gate.active:
             return None
@@ -87,6 +123,11 @@ class ConceptAttentionStore:
             None if guidance is None else guidance[-batch:].to(self.initial.dtype),
         )
         self.state = self.initial
+        return None
+
+    def _keep_image_vectors(self, projection, args):
+        if self.state is not None:
+            self._image_vectors = args[0]
         return None
 
     def _block_hook(self, index: int, block):
@@ -100,8 +141,11 @@ class ConceptAttentionStore:
     def _advance(self, index: int, block, attn, kwargs: dict, output) -> None:
         batch = self.state.shape[0]
         image_in = kwargs["hidden_states"][-batch:]  # the block's normalised image tokens, conditional half
-        image_out = output[0][-batch:]
-        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(self.state, emb=self.temb)
+        last = getattr(block, "context_pre_only", False)  # SD3's last block: its text stream ends here
+        if last:
+            normed = block.norm1_context(self.state, self.temb)
+        else:
+            normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(self.state, emb=self.temb)
         heads = attn.heads
 
         def split(x, norm=None):
@@ -116,17 +160,33 @@ class ConceptAttentionStore:
             tokens = image_key.shape[2]
             image_key = apply_rotary_emb(image_key, tuple(r[-tokens:] for r in rotary), sequence_dim=2)
         key, value = torch.cat([concept_key, image_key], 2), torch.cat([concept_value, image_value], 2)
-        keep = torch.cat([self.valid, torch.ones(batch, image_key.shape[2], dtype=torch.bool, device=key.device)], 1)
+        keep = torch.cat([self.valid_slot, torch.ones(batch, image_key.shape[2], dtype=torch.bool, device=key.device)], 1)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep[:, None, None, :])
-        concept_out = attn.to_add_out(out.transpose(1, 2).flatten(2).to(query.dtype))
+        concept_pre = out.transpose(1, 2).flatten(2).to(query.dtype)
         if self.gate.active and index in self.read:
-            dots = torch.einsum("bkd,bnd->bkn", concept_out.float(), image_out.float())
-            self.sums = dots if self.sums is None else self.sums.add_(dots)
+            if self.reference:
+                dots = torch.einsum("bsd,bnd->bsn", concept_pre.float(), self._image_vectors[-batch:].float())
+                shares = self._shares(dots)
+                self.sums = shares if self.sums is None else self.sums.add_(shares)
+            else:
+                dots = torch.einsum("bsd,bnd->bsn", attn.to_add_out(concept_pre).float(), output[0][-batch:].float())
+                self.sums = dots if self.sums is None else self.sums.add_(dots)
             self.terms += 1
+        if last:
+            self.state = None
+            return
         # the concept tokens' residual stream, as the block updates its text tokens
-        state = self.state + gate_msa.unsqueeze(1) * concept_out
+        state = self.state + gate_msa.unsqueeze(1) * attn.to_add_out(concept_pre)
         normed = block.norm2_context(state) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         self.state = state + gate_mlp.unsqueeze(1) * block.ff_context(normed)
+
+    def _shares(self, dots: torch.Tensor) -> torch.Tensor:
+        """[B, S, N] slot logits -> [B, K, N]: each concept's share of every image token."""
+        if self.config.concept_tokens == "each":
+            probs = dots.masked_fill(~self.valid_slot[..., None], float("-inf")).softmax(dim=1)
+            return torch.einsum("bsk,bsn->bkn", self.owner, probs)
+        logits = torch.einsum("bsk,bsn->bkn", self.owner, dots) / self.owner.sum(1).clamp(min=1)[..., None]
+        return logits.masked_fill(~self.valid[..., None], float("-inf")).softmax(dim=1)
 
     def held_bytes(self) -> int:
         """The map accumulator and the concept tokens: constant in the number of steps."""
@@ -134,10 +194,10 @@ class ConceptAttentionStore:
 
     # -- result ----------------------------------------------------------------------------
     def heatmaps(self, token_weights: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] at latent size: each object's share of the softmax over the sample's
-        concepts (a concept is one token here, so token_weights are not needed)."""
+        """[B, C, h, w] at latent size: each object's share of the sample's concepts (a concept
+        carries its own tokens here, so token_weights are not needed)."""
         if self.sums is None:
             raise RuntimeError("no concept attention was read: check capture.steps and capture.blocks")
-        logits = (self.sums / self.terms).masked_fill(~self.valid[..., None], float("-inf"))
-        probs = logits.softmax(dim=1)[:, : self.objects]  # background concepts compete, then drop out
+        mean = self.sums / self.terms
+        probs = (mean if self.reference else self._shares(mean))[:, : self.objects]  # background concepts drop out
         return upsample(as_grid(probs, self.latent_hw), self.latent_hw).clamp_(max=1)

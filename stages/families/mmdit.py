@@ -44,7 +44,7 @@ class MMDiTFamily(Family):
         raise NotImplementedError
 
     def double_stream_blocks(self, transformer) -> list:
-        """The blocks whose text stream the concept tokens can follow."""
+        """The joint blocks the concept tokens go through (SD3's last one ends their stream)."""
         return list(transformer.transformer_blocks)
 
     def time_embedding(self, transformer, timestep, pooled, guidance=None):

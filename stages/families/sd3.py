@@ -24,10 +24,6 @@ class StableDiffusion3(MMDiTFamily):
 
         return SD3JointCaptureProcessor
 
-    def double_stream_blocks(self, transformer) -> list:
-        # the last block updates no text tokens (`context_pre_only`): nothing to follow there
-        return [block for block in transformer.transformer_blocks if not block.context_pre_only]
-
     def time_embedding(self, transformer, timestep, pooled, guidance=None):
         return transformer.time_text_embed(timestep, pooled)
 
