@@ -54,6 +54,19 @@ def load_vae(folder: Path):
     return vae.eval().requires_grad_(False)
 
 
+def make_pooled_constant(text_encoder) -> None:
+    """Zero the CLIP encoder's final norm gain, so its pooled vector is the same for every caption.
+
+    The pooled vector modulates every block; when it carries the caption, the transformer can
+    draw the right objects without its joint attention ever tying a word to a place. Made
+    constant in the weights, the shipped folder keeps that property under any pipeline.
+    """
+    norm = text_encoder.final_layer_norm
+    with torch.no_grad():
+        norm.weight.zero_()
+    norm.weight.requires_grad_(False)
+
+
 def load_models(folder: Path):
     from diffusers import FluxPipeline
 
@@ -124,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--single-blocks", type=int, default=2)
     parser.add_argument("--empty-share", type=float, default=0.25,
                         help="share of object-free scenes: removal asks the model for exactly those")
+    parser.add_argument("--pooled", choices=("caption", "constant"), default="constant",
+                        help="constant: the CLIP pooled vector is the same for every caption, so only the "
+                             "joint attention can carry the words")
     parser.add_argument("--resume", type=Path, default=None, help="continue from a saved toy Flux folder")
     args = parse_with_run_arguments(parser, argv)
     rng = np.random.default_rng(args.seed)
@@ -134,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         text_encoder, text_encoder_2, transformer = build_models(
             tokenizer, tokenizer_2, args.width, args.heads, args.double_blocks, args.single_blocks, args.seed)
         vae = load_vae(args.vae)
+    if args.pooled == "constant":
+        make_pooled_constant(text_encoder)
     models = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "transformer": transformer, "vae": vae}
     checkpoint, log_path = open_checkpoint(args, models, rng)
     with open(log_path, "a" if checkpoint.state else "w") as handle:

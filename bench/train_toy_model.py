@@ -177,7 +177,7 @@ def train_denoiser(
     returns its loss."""
     from diffusers.training_utils import EMAModel
 
-    params = [p for module in modules for p in module.parameters()]
+    params = [p for module in modules for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
     ema = EMAModel(params, decay=0.9995, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
