@@ -5,7 +5,8 @@
 Measures the device's dense matmul peak (fp32 on CPU, the run's dtype on CUDA) with large
 square matmuls, asks `plan`'s estimator for the run's FLOPs, times the whole run with the
 in-process executor, and reports: the achieved share of the peak (FLOPs / (seconds x peak)),
-the estimate at `plan`'s default utilisation next to the measured seconds, and their ratio.
+the estimate at `plan`'s default utilisation next to the measured seconds, and their ratio;
+then, with the run's own drop rates, the FLOPs and measured seconds per kept triple.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench import write_json
-from maskmint.pipeline.cost import estimate
+from maskmint.pipeline.cost import drop_rates, estimate
 from maskmint.pipeline.run import run
 from maskmint.schemas.config import load_config
 
@@ -51,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     peak = matmul_peak_tflops(device, dtype)
-    planned = estimate(config, peak, DEFAULT_UTILISATION)
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
         summary = run(config, Path(scratch) / "run", show_progress=False)
         measured = time.perf_counter() - start
+        # the run's own drop rates: removal is counted only for the samples that reached it
+        planned = estimate(config, peak, DEFAULT_UTILISATION, drop_rates(Path(scratch) / "run"))
     achieved = planned["run_pflop"] * 1e15 / (measured * peak * 1e12)
     record = {
         "config": str(args.config), "device": str(device), "threads": torch.get_num_threads(),
@@ -64,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         "estimated_seconds_at_default": planned["device_seconds"], "measured_seconds": round(measured, 2),
         "estimate_over_measured": round(planned["device_seconds"] / measured, 3),
         "achieved_utilisation": round(achieved, 4),
+        "early_drops": config.execution.early_drops, "drop_rates": planned["drop_rates"],
+        "kept": summary.written, "tflop_per_kept_triple": planned["tflop_per_kept_triple"],
+        "measured_seconds_per_kept": round(measured / max(summary.written, 1), 3),
     }
     print(json.dumps(record, indent=1))
     write_json(args.json, record)

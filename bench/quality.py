@@ -196,11 +196,13 @@ def evaluate(config: RunConfig, samples: int, progress: bool = True,
              variants: list[RunConfig] = ()) -> tuple[dict, list[dict], dict, list[dict]]:
     """Scores of `config`, and of each of `variants` (the same run with other refine/filter
     settings) on the very same images, backgrounds and weak masks: the model runs once."""
-    from maskmint.stages.filter import Filter
+    from maskmint.stages.filter import EarlyFilter, Filter
     from maskmint.stages.refine import Refine
 
     seconds: dict[str, float] = defaultdict(float)
-    finishes = [(Refine(v.refine), Filter(v.filter)) for v in variants]
+    finishes = [(Refine(v.refine), EarlyFilter(v.filter, v.refine.dilate_px), Filter(v.filter)) for v in variants]
+    if variants:  # a variant may keep what the config drops early: every sample gets its background
+        config = config.model_copy(update={"execution": config.execution.model_copy(update={"early_drops": False})})
     with tempfile.TemporaryDirectory() as scratch:
         worker = ShardWorker(config, scratch)
         scores, variant_scores = [], [[] for _ in variants]
@@ -208,9 +210,10 @@ def evaluate(config: RunConfig, samples: int, progress: bool = True,
         for start in range(0, samples, size):
             planned = [worker.plan.sample(i) for i in range(start, min(samples, start + size))]
             modelled = worker.model_stages(as_columns(planned), seconds)
-            for (refine, keep), found in zip(finishes, variant_scores):
+            for (refine, early, keep), found in zip(finishes, variant_scores):
                 batch = dict(modelled)
                 batch.update(refine(batch))
+                batch.update(early(batch))
                 batch.update(keep(batch))
                 found += [score_sample(batch, i, config.removal.dilate_px) for i in range(len(planned))]
             batch = worker.mask_stages(modelled, seconds)

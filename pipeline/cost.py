@@ -104,20 +104,26 @@ def flops_per_triple(config: RunConfig) -> dict[str, float]:
     encodes = family.removal_encodes(inpaint.config, removal.prefill)
     step = _denoiser_step(family, denoiser, latent, text_tokens)
     real = annotated_share(config)  # the rest are generated
+    text_for = (1 - real) * generation_batch + real * annotate_batch
     parts = {
         "generate_denoiser": (1 - real) * generation_batch * generation.steps * step,
         "annotate_denoiser": real * annotate_batch * annotated_steps * step,
-        "remove_denoiser": removal_batch * removal_steps * _denoiser_step(family, inpaint, latent, text_tokens),
-        "text_encoder": ((1 - real) * generation_batch + real * annotate_batch + removal_batch) * text_passes,
+        "text_encoder": text_for * text_passes,
         # generated: the image decoded; annotated: encoded by annotate and again by the
-        # image-to-image pipeline; then removal's encodes and its decode
-        "vae": (1 - real) * decode + real * 2 * encode + decode + encodes * encode,
+        # image-to-image pipeline
+        "vae": (1 - real) * decode + real * 2 * encode,
+        # removal, which a sample dropped before it does not pay: its denoiser, its prompts,
+        # its encodes and its decode
+        "remove_denoiser": removal_batch * removal_steps * _denoiser_step(family, inpaint, latent, text_tokens),
+        "remove_text_encoder": removal_batch * text_passes,
+        "remove_vae": decode + encodes * encode,
     }
     if not real:
         del parts["annotate_denoiser"]
     if real == 1:
         del parts["generate_denoiser"]
-    return {**parts, "total": sum(parts.values()), "height": height, "width": width}
+    removal_part = sum(v for k, v in parts.items() if k.startswith("remove_"))
+    return {**parts, "total": sum(parts.values()), "removal": removal_part, "height": height, "width": width}
 
 
 def annotated_share(config: RunConfig) -> float:
@@ -135,21 +141,84 @@ def annotated_share(config: RunConfig) -> float:
     return images / lines
 
 
+def weight_memory(config: RunConfig) -> dict[str, dict[str, float]]:
+    """GB of weights per component under each `model.quantize` choice ("none" for none), from the networks'
+    parameters (built on the meta device): the run's dtype (fp16 for auto, as on a GPU); int8
+    stores the quantized components' linear weights in one byte each plus a scale per output
+    channel, as optimum-quanto does."""
+    source = config_source(config.model)
+    family = check_supported(config.model, config.capture)
+    inpaint_source = config.model.inpaint_path
+    if inpaint_source is not None and Path(inpaint_source).is_file():
+        inpaint_source = None
+    denoiser, inpaint, vae, texts = _meta_networks(source, inpaint_source, family.name)
+    networks = {family.denoiser_component: denoiser, "vae": vae, **dict(texts)}
+    if inpaint is not denoiser:
+        networks["inpaint_" + family.denoiser_component] = inpaint
+    width = 4 if config.model.dtype == "float32" else 2
+    quantized = set(family.quantized_components())
+    choices: dict[str, dict[str, float]] = {"none": {}, "int8": {}}
+    for name, network in networks.items():
+        total = sum(p.numel() for p in network.parameters()) + sum(b.numel() for b in network.buffers())
+        kept = getattr(network, "_keep_in_fp32_modules", None) or ()  # quanto leaves these as they are
+        linear = [m for path, m in network.named_modules()
+                  if isinstance(m, torch.nn.Linear) and not any(part in kept for part in path.split("."))]
+        weights = sum(m.weight.numel() for m in linear)
+        scales = sum(m.out_features + 2 for m in linear)  # per output channel, and its input/output scales
+        choices["none"][name] = total * width / 1e9
+        choices["int8"][name] = ((total - weights) * width + weights + scales * width) / 1e9 \
+            if name in quantized else total * width / 1e9
+    return {choice: {**{k: _figure(v) for k, v in parts.items()}, "total": _figure(sum(parts.values()))}
+            for choice, parts in choices.items()}
+
+
 def _figure(value: float) -> float:
     return float(f"{value:.6g}")
 
 
-def estimate(config: RunConfig, peak_tflops: float | None, utilisation: float) -> dict:
+def drop_rates(root: Path | str) -> dict[str, float]:
+    """Shares of a finished (or partial) run's planned samples, from its shard stats: dropped
+    before removal (the weak mask decided), dropped after it, and with no weak region at all
+    (never inpainted, early drops or not)."""
+    from maskmint.pipeline.rundir import RunDir, RunDirError
+
+    stats = RunDir(root).shard_stats()
+    planned = sum(s.planned for s in stats)
+    if not planned:
+        raise RunDirError(f"{root}: no whole shard yet to take drop rates from")
+    before = sum(len(s.decided_before_removal) for s in stats)
+    dropped = sum(len(s.dropped) for s in stats)
+    empty = sum(reason == "empty_weak_mask" for s in stats for reason in s.dropped.values())
+    return {"before_removal": before / planned, "after_removal": (dropped - before) / planned,
+            "no_weak_region": empty / planned, "from_samples": planned}
+
+
+def estimate(config: RunConfig, peak_tflops: float | None, utilisation: float,
+             drops: dict[str, float] | None = None) -> dict:
+    """FLOPs of the run. `drops` (from `drop_rates`) makes it the cost of what is kept: removal is
+    paid only by the samples that reach it, and the run's FLOPs are shared by its kept triples."""
     flops = flops_per_triple(config)
-    run_flops = flops["total"] * config.output.samples
+    removal_share = 1.0
+    if drops is not None:
+        removal_share = 1 - (drops["before_removal"] if config.execution.early_drops else drops["no_weak_region"])
+    run_flops = (flops["total"] - (1 - removal_share) * flops["removal"]) * config.output.samples
     report = {
         "tflop_per_triple": _figure(flops["total"] / 1e12),
-        "by_part_tflop": {k: _figure(v / 1e12) for k, v in flops.items() if k not in ("total", "height", "width")},
+        "by_part_tflop": {k: _figure(v / 1e12) for k, v in flops.items()
+                          if k not in ("total", "removal", "height", "width")},
         "size": [flops["height"], flops["width"]],
         "run_pflop": _figure(run_flops / 1e15),
         "peak_tflops": peak_tflops,
         "utilisation": utilisation,
+        "weight_gb": weight_memory(config),
     }
+    if drops is not None:
+        kept = 1 - drops["before_removal"] - drops["after_removal"]
+        report["drop_rates"] = {k: _figure(v) for k, v in drops.items()}
+        report["early_drops"] = config.execution.early_drops
+        report["expected_kept"] = _figure(kept * config.output.samples)
+        report["tflop_per_kept_triple"] = _figure(run_flops / max(kept * config.output.samples, 1e-9) / 1e12) \
+            if kept > 0 else None
     if peak_tflops:
         seconds = run_flops / (peak_tflops * 1e12 * utilisation)
         report["device_seconds"] = _figure(seconds)

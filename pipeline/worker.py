@@ -21,7 +21,7 @@ from maskmint.pipeline.testing.faults import injected_fault
 from maskmint.schemas.config import RunConfig
 from maskmint.schemas.records import BatchDone, PlannedSample, SampleMetadata, ShardStats, ShardWritten
 from maskmint.stages.annotate import Annotate, at_source_size
-from maskmint.stages.filter import Filter
+from maskmint.stages.filter import EarlyFilter, Filter
 from maskmint.stages.generate import Generate
 from maskmint.stages.loading import pick_device, pick_dtype
 from maskmint.stages.models import load_inpainting, load_text_to_image
@@ -34,7 +34,7 @@ from maskmint.stages.write import encode_sample, write_shard
 def timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
-    seconds[stage] += time.perf_counter() - start
+    seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 def as_columns(samples: list[PlannedSample]) -> dict:
@@ -79,12 +79,13 @@ class ShardWorker:
             pipe = load_text_to_image(config.model, device, pick_dtype(config.model.dtype, device))
         device = pipe.device
         self.generate = Generate(pipe, config.generation, config.capture)
-        self.plan = Plan(config, self.generate.layout)
+        self.plan = Plan(config, self.generate.layout, root)
         self.weak_mask = WeakMask(config.mask)
         family, inpaint = self.generate.family, load_inpainting(pipe, config.model)
         self.remove = Remove(inpaint, config.removal, family.removal_prompts(self.generate.layout),
                              reuse_latents=family.reuses_generation_latents(family.denoiser(inpaint).config))
         self.refine = Refine(config.refine)
+        self.early_filter = EarlyFilter(config.filter, config.refine.dilate_px)
         self.filter = Filter(config.filter)
         self.cpu = ThreadPoolExecutor(config.execution.cpu_threads, thread_name_prefix="maskmint-cpu")
         self.parameters = config.model_dump(
@@ -109,11 +110,12 @@ class ShardWorker:
                 injected_fault(shard, self.rundir.root)
             yield BatchDone(len(planned))
 
-        encoded, dropped, qualities = [], {}, {}
+        encoded, dropped, qualities, early = [], {}, {}, []
         for future in finishing:
-            batch_encoded, batch_dropped, batch_quality, batch_seconds = future.result()
+            batch_encoded, batch_dropped, batch_quality, batch_seconds, batch_early = future.result()
             encoded += batch_encoded
             dropped.update(batch_dropped)
+            early += batch_early
             qualities.update(batch_quality)
             for stage, value in batch_seconds.items():
                 seconds[stage] += value
@@ -127,6 +129,7 @@ class ShardWorker:
             scores=qualities,
             classes={s.key: [c.class_id for c in s.concepts] for s in samples},
             sources={s.key: s.image for s in samples if s.image is not None},
+            decided_before_removal=early,
             worker=self.identity,
         )
         with timed(seconds, "write"):
@@ -144,9 +147,14 @@ class ShardWorker:
                         (generate.height, generate.width), self.config.annotate, self.config.capture)
 
     def model_stages(self, batch: dict, seconds: dict[str, float]) -> dict:
-        """generate (with capture), or annotate for real images -> weak mask -> remove: the stages that use the model."""
+        """generate (with capture), or annotate for real images -> weak mask -> early drops -> remove:
+        the stages that use the model. With `execution.early_drops`, removal skips the samples the
+        weak mask already rules out."""
         first = ("annotate", self.annotate) if batch["image_path"][0] is not None else ("generate", self.generate)
-        self._apply(batch, seconds, first, ("weak_mask", self.weak_mask), ("remove", self.remove))
+        self._apply(batch, seconds, first, ("weak_mask", self.weak_mask), ("early_drop", self.early_filter))
+        if self.config.execution.early_drops:
+            batch["removal_skips"] = [reason is not None for reason in batch["early_drop"]]
+        self._apply(batch, seconds, ("remove", self.remove))
         batch.pop("latents", None)  # device memory; the CPU stages do not need it
         return batch
 
@@ -161,7 +169,7 @@ class ShardWorker:
                 batch.update(stage(batch))
         return batch
 
-    def _finish(self, planned: list[PlannedSample], batch: dict) -> tuple[list[dict], dict, dict, dict]:
+    def _finish(self, planned: list[PlannedSample], batch: dict) -> tuple[list[dict], dict, dict, dict, list[str]]:
         seconds: dict[str, float] = defaultdict(float)
         self.mask_stages(batch, seconds)
         encoded, dropped, qualities = [], {}, {}
@@ -202,7 +210,8 @@ class ShardWorker:
                     )
                 )
                 qualities[sample.key] = quality
-        return encoded, dropped, qualities, seconds
+        early = [s.key for s, reason in zip(planned, batch["early_drop"]) if reason is not None]
+        return encoded, dropped, qualities, seconds, early
 
     def close(self) -> None:
         self.cpu.shutdown(wait=True)

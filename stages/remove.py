@@ -21,7 +21,9 @@ def prefill(image: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 
 class Remove:
-    """Batch stage: adds `background` uint8 [B,H,W,3]; samples with an empty weak mask keep their image."""
+    """Batch stage: adds `background` uint8 [B,H,W,3]. Samples with an empty weak mask, or
+    marked in `removal_skips` (already dropped), keep their image; the rest are inpainted as
+    one batch, with no work for the others."""
 
     def __init__(self, inpaint_pipe, config: RemovalConfig, prompt_kwargs=None, reuse_latents: bool = False):
         """`prompt_kwargs(prompts, negatives)`: the family's text arguments (default: SD's).
@@ -37,7 +39,8 @@ class Remove:
         images, weak = batch["image"], batch["weak_mask"]
         regions = np.stack([dilate(m != BACKGROUND_ID, self.config.dilate_px) for m in weak])
         backgrounds = images.copy()
-        todo = [i for i in range(len(images)) if regions[i].any()]
+        skips = batch.get("removal_skips") or [False] * len(images)
+        todo = [i for i in range(len(images)) if regions[i].any() and not skips[i]]
         if not todo:
             return {"background": backgrounds}
         device = self.pipe.device

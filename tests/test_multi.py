@@ -190,9 +190,8 @@ def test_refine_two_objects_by_heat_and_the_band_between_classes():
 
 def test_a_missing_concept_is_a_drop_with_its_reason_or_kept():
     quality = {"weak_fraction": 0.2, "removal_delta": 20.0, "mask_fraction": 0.2, "components": 1.0, "missing_concepts": 1.0}
-    image = np.random.default_rng(0).integers(0, 255, (8, 8, 3)).astype(np.uint8)
-    assert drop_reason(image, True, quality, FilterConfig()) == "missing_concept"
-    assert drop_reason(image, True, quality, FilterConfig(drop_missing_concept=False)) is None
+    assert drop_reason(quality, FilterConfig()) == "missing_concept"
+    assert drop_reason(quality, FilterConfig(drop_missing_concept=False)) is None
 
 
 def test_a_run_with_two_concept_prompts(config_dict, write_config, tmp_path):

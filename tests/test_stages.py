@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from maskmint.pipeline.testing.tiny_models import build_tokenizer
 from maskmint.schemas.config import FilterConfig, MaskConfig, RefineConfig
 from maskmint.schemas.prompts import PromptsConfig
-from maskmint.stages.filter import drop_reason
+from maskmint.stages.filter import drop_reason, weak_drop_reason
 from maskmint.stages.masks import cover_cells, lab_distance
 from maskmint.stages.prompts import PromptBuilder
 from maskmint.stages.tokens import PromptError, TextLayout
@@ -108,21 +108,76 @@ def test_refine_ignore_band_marks_the_outline():
 @pytest.mark.parametrize(
     "change, reason",
     [
-        (dict(finite=False), "nan_image"),
-        (dict(image=np.zeros((8, 8, 3), np.uint8)), "blank_image"),
-        (dict(weak_fraction=0.0), "empty_weak_mask"),
         (dict(removal_delta=0.5), "removal_failed"),
         (dict(mask_fraction=0.0), "empty_mask"),
         (dict(mask_fraction=0.99), "full_mask"),
         (dict(components=9.0), "fragmented"),
+        (dict(missing_concepts=1.0), "missing_concept"),
         (dict(), None),
     ],
 )
-def test_filter_reasons(change, reason):
-    image = change.pop("image", np.random.default_rng(0).integers(0, 255, (8, 8, 3)).astype(np.uint8))
-    finite = change.pop("finite", True)
+def test_filter_reasons_after_removal(change, reason):
     quality = {"weak_fraction": 0.2, "removal_delta": 20.0, "mask_fraction": 0.2, "components": 1.0, **change}
-    assert drop_reason(image, finite, quality, FilterConfig()) == reason
+    assert drop_reason(quality, FilterConfig()) == reason
+
+
+def two_blobs(size=64):
+    weak = np.zeros((size, size), np.uint8)
+    weak[disk(size, (20, 20), 8)] = 1
+    weak[disk(size, (44, 44), 8)] = 2
+    return weak
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(finite=False), "nan_image"),
+        (dict(image=np.full((64, 64, 3), 7, np.uint8)), "blank_image"),
+        (dict(weak=np.zeros((64, 64), np.uint8)), "empty_weak_mask"),
+        (dict(classes=[1, 2, 3]), "missing_concept"),
+        (dict(config=FilterConfig(min_mask_fraction=0.3)), "empty_mask"),  # the reach is about 0.25 of the image
+        (dict(config=FilterConfig(max_weak_fraction=0.05)), "full_weak_mask"),
+        (dict(config=FilterConfig(max_weak_components=1)), "fragmented_weak_mask"),
+        (dict(config=FilterConfig(drop_missing_concept=False), classes=[1, 2, 3]), None),
+        (dict(), None),
+    ],
+)
+def test_filter_reasons_before_removal(change, reason):
+    args = dict(image=np.random.default_rng(0).integers(0, 255, (64, 64, 3)).astype(np.uint8), finite=True,
+                weak=two_blobs(), classes=[1, 2], config=FilterConfig())
+    args.update(change)
+    assert weak_drop_reason(args["image"], args["finite"], args["weak"], args["classes"], args["config"], 6) == reason
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(0, 8), st.booleans())
+def test_a_final_mask_lies_in_the_weak_classes_reach(seed, dilate_px, band):
+    """What makes early drops exact: whatever removal leaves, refinement labels only pixels within
+    refine.dilate_px of a class's own weak region, and only classes the weak mask holds."""
+    rng = np.random.default_rng(seed)
+    weak = np.zeros((32, 32), np.uint8)
+    for class_id in rng.choice([1, 2, 3], size=rng.integers(1, 4), replace=False):
+        y, x, r = rng.integers(4, 28), rng.integers(4, 28), rng.integers(1, 6)
+        weak[disk(32, (y, x), r)] = class_id
+    if band:
+        weak[rng.random((32, 32)) < 0.05] = 255
+    image = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
+    background = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
+    heat = rng.random((3, 32, 32)).astype(np.float32)
+    config = RefineConfig(dilate_px=dilate_px, open_px=0, close_px=0, min_area=0.0)
+    mask, quality = refine_mask(image, background, weak, heat, config, [1, 2, 3])
+    reach = np.zeros(weak.shape, bool)
+    for class_id in (1, 2, 3):
+        own = weak == class_id
+        reach |= cv2.dilate(own.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1,) * 2)).astype(bool) if dilate_px else own
+        if not own.any():
+            assert not (mask == class_id).any()
+    foreground = (mask != 0) & (mask != 255)
+    assert np.all(reach[foreground])
+    assert quality["mask_fraction"] <= reach.mean() + 1e-9
+    early = weak_drop_reason(image, True, weak, [1, 2, 3], FilterConfig(min_mask_fraction=0.2), dilate_px)
+    if early in ("missing_concept", "empty_mask"):  # the late filter could never keep it
+        late = drop_reason(quality, FilterConfig(min_mask_fraction=0.2, min_removal_delta=0.0))
+        assert late in ("missing_concept", "empty_mask"), (early, late, quality)
 
 
 @pytest.fixture(scope="module")
