@@ -82,6 +82,9 @@ def write_card(run_dir: Path | str, summary: RunSummary, stats: list[ShardStats]
                                                    if config["model"].get("inpaint_path") else ""),
         f"- samples: {summary.written} written, {summary.dropped} dropped, {summary.planned_samples} planned, "
         f"in {summary.complete_shards}/{summary.planned_shards} shards",
+        "- kept per class (of attempts): " + ", ".join(
+            f"{name} {summary.kept_per_class[name]} of {n}" for name, n in summary.attempts_per_class.items())
+        + (f"; {summary.top_up_rounds} top-up round(s) for the quota" if summary.top_up_rounds else ""),
         f"- config hash: `{manifest.config_hash}` (full config in `run.json`)",
         f"- generation: {config['generation']['steps']} steps, guidance {config['generation']['guidance_scale']}; "
         f"weak mask {config['mask']['threshold']} threshold tau {config['mask']['tau']}; "

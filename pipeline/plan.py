@@ -6,6 +6,7 @@ import hashlib
 
 import numpy as np
 
+from maskmint.pipeline import quota
 from maskmint.schemas.config import RunConfig
 from maskmint.schemas.records import PlannedSample
 from maskmint.stages.prompts import PromptBuilder
@@ -24,24 +25,35 @@ def sample_seed(run_seed: int, key: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def shard_range(config: RunConfig, shard: int) -> range:
-    size = config.output.shard_size
-    return range(shard * size, min((shard + 1) * size, config.output.samples))
+def shard_range(config: RunConfig, shard: int, rounds: list[quota.TopUp] = ()) -> range:
+    """Sample indices of `shard`: the planned range's, then the top-up rounds' (quotas)."""
+    return quota.shard_range(config.output.samples, config.output.shard_size, list(rounds), shard)
 
 
 class Plan:
     """Deterministic per-sample plan; shards are planned lazily, so a run of millions starts at once."""
 
-    def __init__(self, config: RunConfig, layout: TextLayout):
+    def __init__(self, config: RunConfig, layout: TextLayout, root=None):
+        """`root`: the run directory, whose top-up rounds (quotas) extend the plan as they are planned."""
         self.config = config
         self.layout = layout
+        self.root = root
         self.builder = PromptBuilder(config.prompts, layout, config.input)
 
-    def sample(self, index: int) -> PlannedSample:
+    def rounds(self) -> list[quota.TopUp]:
+        return quota.read_rounds(self.root) if self.root is not None else []
+
+    def sample(self, index: int, rounds: list[quota.TopUp] | None = None) -> PlannedSample:
         key = sample_key(index)
         seed = sample_seed(self.config.execution.seed, key)
         rng = np.random.default_rng(seed)
-        (prompt, background, background_negative, concepts), image = self.builder.planned(index, rng)
+        top_up = None
+        if index >= self.config.output.samples:
+            found = quota.round_of(index, self.rounds() if rounds is None else rounds)
+            if found is None:
+                raise IndexError(f"sample {index} is past the plan")
+            top_up = found[0].first_classes[found[1]], found[1]
+        (prompt, background, background_negative, concepts), image = self.builder.planned(index, rng, top_up)
         return PlannedSample(
             index=index,
             key=key,
@@ -56,7 +68,8 @@ class Plan:
         )
 
     def shard(self, shard: int) -> list[PlannedSample]:
-        return [self.sample(i) for i in shard_range(self.config, shard)]
+        rounds = self.rounds()
+        return [self.sample(i, rounds) for i in shard_range(self.config, shard, rounds)]
 
     def preflight(self) -> list[PlannedSample]:
         """Every template, concept and worst-case filling, then the first samples as they will

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from maskmint.pipeline import quota
 from maskmint.pipeline.card import write_card
 from maskmint.pipeline.executors import EXECUTORS, RunCannotStart
 from maskmint.pipeline.lock import Fenced, LockHeld, RunLock
@@ -76,14 +77,22 @@ def _run_locked(config: RunConfig, rundir: RunDir, digest: str, token: str, show
     rundir.clean_strays(scan)
     pending = rundir.pending(scan)
     failed: dict[int, str] = {}
+    ran = bool(pending)
     try:
-        if pending:
-            total = sum(len(shard_range(config, s)) for s in pending)
-            progress = Progress(total, show_progress)
-            try:
-                failed = EXECUTORS[config.execution.executor](config, rundir.root, pending, progress, token)
-            finally:
-                progress.close()
+        while True:
+            if pending:
+                rounds = rundir.rounds()
+                progress = Progress(sum(len(shard_range(config, s, rounds)) for s in pending), show_progress)
+                try:
+                    failed = EXECUTORS[config.execution.executor](config, rundir.root, pending, progress, token)
+                finally:
+                    progress.close()
+            if failed or not (config.output.kept_per_class or config.output.kept):
+                break
+            pending = _plan_top_up(config, rundir)
+            if not pending:
+                break
+            ran = True
     except Fenced:
         raise  # the directory is the new holder's now: no sweep, no summary, no card from us
     except BaseException as error:
@@ -91,13 +100,32 @@ def _run_locked(config: RunConfig, rundir: RunDir, digest: str, token: str, show
             rundir.remove_temp_files()
             rundir.forget()  # as if never started: the corrected config is not "a different config"
         else:
-            _finish(rundir, failed, pending, scan)
+            _finish(rundir, failed, ran, scan)
         raise
-    return _finish(rundir, failed, pending, scan)
+    return _finish(rundir, failed, ran, scan)
 
 
-def _finish(rundir: RunDir, failed: dict[int, str], pending: list[int], scan: ShardScan) -> RunSummary:
-    if pending:  # what is on disk changed
+def _plan_top_up(config: RunConfig, rundir: RunDir) -> list[int]:
+    """With a quota and every shard whole: the next top-up round's shards, planned and recorded
+    before any of them runs (none when the quota is met or its attempts are spent)."""
+    rounds = rundir.rounds()
+    stats = rundir.shard_stats()
+    top_up = quota.next_round(config, stats, rounds)
+    if top_up is None:
+        short = quota.shortfall(config, stats)
+        if short:
+            print(f"warning: output.max_samples ({config.output.max_samples}) reached with "
+                  f"{quota.describe_shortfall(config, stats, short)}", file=sys.stderr)
+        return []
+    first = rundir.planned_shards()
+    quota.write_rounds(rundir.root, [*rounds, top_up])
+    print(f"top-up round {len(rounds) + 1}: {len(top_up.first_classes)} samples for "
+          f"{quota.describe_shortfall(config, stats, quota.shortfall(config, stats))}", file=sys.stderr)
+    return list(range(first, rundir.planned_shards()))
+
+
+def _finish(rundir: RunDir, failed: dict[int, str], ran: bool, scan: ShardScan) -> RunSummary:
+    if ran:  # what is on disk changed
         # a worker killed mid-write during this run left its temp file; the executor has
         # returned (this run's writers are done or dead) and the lock keeps other runs out
         rundir.remove_temp_files()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from maskmint import __version__
+from maskmint.pipeline import quota
 from maskmint.pipeline.lock import HISTORY_NAME
 from maskmint.schemas.config import RunConfig
 from maskmint.schemas.records import (
@@ -70,6 +71,14 @@ class RunDir:
         except (ValueError, OSError) as error:
             raise RunDirError(f"{self.manifest_path}: unreadable ({type(error).__name__}); it is not a run maskmint can resume") from None
 
+    def rounds(self) -> list[quota.TopUp]:
+        return quota.read_rounds(self.root)
+
+    def planned_shards(self, manifest: RunManifest | None = None) -> int:
+        """The planned shards and those of the top-up rounds planned so far (quotas)."""
+        manifest = manifest or self.manifest()
+        return quota.planned_shards(manifest.planned_samples, manifest.config["output"]["shard_size"], self.rounds())
+
     def check_config(self, digest: str) -> None:
         """Refuse a config other than the one the directory was started with."""
         if self.exists():
@@ -117,11 +126,12 @@ class RunDir:
         size and exactly the members the json lists. `verify` also reads every tar through
         and checks its digest."""
         manifest = self.manifest()
+        planned = self.planned_shards(manifest)
         fields = list(manifest.fields.values())
         found: dict[int, set[str]] = defaultdict(set)
         for entry in os.scandir(self.shards) if self.shards.is_dir() else ():
             match = SHARD_FILE.match(entry.name)
-            if match and int(match[1]) < manifest.planned_shards:
+            if match and int(match[1]) < planned:
                 found[int(match[1])].add(match[2])
         scan = ShardScan()
         for shard in sorted(found):
@@ -175,7 +185,7 @@ class RunDir:
         """What a resume redoes: temp files of killed writers, planned tars whose stats never
         landed, and damaged planned shards. Anything else in shards/ is the user's and stays."""
         stray = self.temp_files()
-        planned = self.manifest().planned_shards
+        planned = self.planned_shards()
         stray += [self.tar_path(s) for s in range(planned) if s not in scan.complete and s not in scan.damaged
                   and self.tar_path(s).is_file() and not self.stats_path(s).exists()]
         for shard in scan.damaged:
@@ -191,7 +201,7 @@ class RunDir:
     def forget(self) -> None:
         """Undo a run that never made a whole shard: its manifest and writer history go, an empty
         shards/ folder too, so the directory is as before (the lock is its holder's to release)."""
-        for path in (self.manifest_path, self.summary_path, self.root / HISTORY_NAME):
+        for path in (self.manifest_path, self.summary_path, self.root / HISTORY_NAME, self.root / quota.ROUNDS_NAME):
             path.unlink(missing_ok=True)
         try:
             self.shards.rmdir()
@@ -205,7 +215,7 @@ class RunDir:
             pass
 
     def pending(self, scan: ShardScan) -> list[int]:
-        return [s for s in range(self.manifest().planned_shards) if s not in scan.complete]
+        return [s for s in range(self.planned_shards()) if s not in scan.complete]
 
     def shard_stats(self) -> list[ShardStats]:
         return list(self.scan().complete.values())
@@ -222,10 +232,17 @@ class RunDir:
             for stage, value in s.seconds.items():
                 seconds[stage] += value
         done = {s.shard for s in stats}
-        pending = [s for s in range(manifest.planned_shards) if s not in done]
+        rounds = self.rounds()
+        planned = self.planned_shards(manifest)
+        pending = [s for s in range(planned) if s not in done]
+        attempts, kept = quota.tally(stats)
+        names = manifest.classes
         return RunSummary(
-            planned_samples=manifest.planned_samples,
-            planned_shards=manifest.planned_shards,
+            planned_samples=quota.planned_samples(manifest.planned_samples, rounds),
+            planned_shards=planned,
+            top_up_rounds=len(rounds),
+            attempts_per_class={names[c]: n for c, n in sorted(attempts.items()) if c in names},
+            kept_per_class={names[c]: kept.get(c, 0) for c in sorted(attempts) if c in names},
             complete_shards=len(done),
             pending_shards=pending,
             failed_shards=failed or {},

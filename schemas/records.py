@@ -78,6 +78,9 @@ class ShardStats(Record):
     )
     classes: dict[str, list[int]] = Field(default_factory=dict, description="planned key -> its concepts' class ids")
     sources: dict[str, str] = Field(default_factory=dict, description="planned key -> the image it annotates, if any")
+    decided_before_removal: list[str] = Field(
+        default_factory=list, description="dropped keys whose reason the weak mask gave (removal can skip them)"
+    )
     worker: dict[str, str] = Field(default_factory=dict)
     tar_bytes: int | None = Field(default=None, description="size of the shard's tar, checked on resume")
     tar_sha256: str | None = Field(default=None, description="digest of the shard's tar, checked by --verify")
@@ -99,8 +102,11 @@ class RunManifest(Record):
 class RunSummary(Record):
     """DIR/summary.json, rewritten at the end of every run, partial ones too."""
 
-    planned_samples: int
+    planned_samples: int = Field(description="the planned range and every top-up round planned so far")
     planned_shards: int
+    top_up_rounds: int = Field(default=0, description="rounds a quota (output.kept_per_class / kept) added")
+    attempts_per_class: dict[str, int] = Field(default_factory=dict, description="whole shards' samples showing each class")
+    kept_per_class: dict[str, int] = Field(default_factory=dict, description="of those, the kept ones")
     complete_shards: int
     pending_shards: list[int]
     failed_shards: dict[int, str] = Field(default_factory=dict)

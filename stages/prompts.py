@@ -112,12 +112,18 @@ class PromptBuilder:
                 counts[concept.class_id] += cycles + (i < rest)
         return counts
 
-    def __call__(self, index: int, rng: np.random.Generator) -> Rendered:
+    def __call__(self, index: int, rng: np.random.Generator, top_up: tuple[int, int] | None = None) -> Rendered:
         if self.lines is not None:
             return self.from_line(index % len(self.lines))
         concepts = self.config.concepts
-        first = index % len(concepts)  # turns: see concept_counts
-        count = int(self.count_of(index))
+        if top_up is None:
+            first = index % len(concepts)  # turns: see concept_counts
+            count = int(self.count_of(index))
+        else:  # the class the top-up is for; counts take turns along the round
+            class_id, place = top_up
+            first = next(i for i, c in enumerate(concepts) if c.class_id == class_id)
+            counts = self.config.counts_per_image
+            count = int(counts[place % len(counts)])
         choices = self._choices(first, count)
         template, background, _ = choices[int(rng.integers(len(choices)))]
         fills = {name: options[int(rng.integers(len(options)))] for name, options in sorted(self.config.fillers.items())}
@@ -217,11 +223,13 @@ class PromptBuilder:
                         except PromptError as error:
                             raise PromptError(f"{where}: {error}") from None
 
-    def planned(self, index: int, rng: np.random.Generator) -> tuple[Rendered, str | None]:
+    def planned(self, index: int, rng: np.random.Generator,
+                top_up: tuple[int, int] | None = None) -> tuple[Rendered, str | None]:
         """Sample `index`'s prompt, and the image it annotates (an absolute path) or None: its
-        line read and parsed once for both."""
+        line read and parsed once for both. `top_up` (class id, place in its round): a quota's
+        top-up sample, which names that class first."""
         if self.lines is None:
-            return self(index, rng), None
+            return self(index, rng, top_up), None
         i = index % len(self.lines)
         where, line = self.lines.line(i)
         image = self._image(where, line)
