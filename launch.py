@@ -71,7 +71,7 @@ def retry_command(args: argparse.Namespace) -> str:
 
 
 def command_plan(args: argparse.Namespace) -> int:
-    from maskmint.pipeline.cost import estimate
+    from maskmint.pipeline.cost import drop_rates, estimate
     from maskmint.pipeline.plan import Plan, plan_report
     from maskmint.schemas.config import load_config
     from maskmint.stages.models import check_before_loading, load_text_layout
@@ -80,7 +80,8 @@ def command_plan(args: argparse.Namespace) -> int:
     check_before_loading(config)
     plan = Plan(config, load_text_layout(config.model))
     report = plan_report(config, plan, plan.preflight(), args.examples)
-    report["cost"] = estimate(config, args.peak_tflops, args.utilisation)
+    drops = drop_rates(args.drops_from) if args.drops_from else None
+    report["cost"] = estimate(config, args.peak_tflops, args.utilisation, drops)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -96,6 +97,16 @@ def command_plan(args: argparse.Namespace) -> int:
     parts = ", ".join(f"{k} {v:.4g}" for k, v in cost["by_part_tflop"].items())
     print(f"  compute: {cost['tflop_per_triple']:.4g} TFLOP per triple at {cost['size'][0]}x{cost['size'][1]} ({parts}), "
           f"{cost['run_pflop']:.4g} PFLOP for the run")
+    weights = cost["weight_gb"]
+    print(f"  weights: {weights['none']['total']:.4g} GB as loaded, {weights['int8']['total']:.4g} GB with "
+          f"model.quantize: int8 ({', '.join(f'{k} {v:.4g}' for k, v in weights['int8'].items() if k != 'total')})")
+    if drops is not None:
+        rates = cost["drop_rates"]
+        per_kept = cost["tflop_per_kept_triple"]
+        print(f"  drops as in {args.drops_from} ({rates['from_samples']:g} samples): {rates['before_removal']:.1%} before "
+              f"removal{'' if cost['early_drops'] else ' (early_drops off: removal still runs)'}, "
+              f"{rates['after_removal']:.1%} after; about {cost['expected_kept']:.4g} kept, "
+              + (f"{per_kept:.4g} TFLOP per kept triple" if per_kept is not None else "none kept"))
     if "device_hours" in cost:
         print(f"  at {cost['peak_tflops']:g} TFLOP/s peak and {cost['utilisation']:.0%} utilisation (an assumption): "
               f"{cost['device_hours']:.4g} device-hours ({cost['device_seconds']:.4g} s)")
@@ -126,6 +137,9 @@ def command_inspect(args: argparse.Namespace) -> int:
         "verified": args.verify,
         "whole": summary.whole,
         "being_written_by": writer.describe() if writer else None,
+        "top_up_rounds": summary.top_up_rounds,
+        "attempts_per_class": summary.attempts_per_class,
+        "kept_per_class": summary.kept_per_class,
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -137,6 +151,9 @@ def command_inspect(args: argparse.Namespace) -> int:
     for reason, count in summary.dropped_by_reason.items():
         print(f"    {reason}: {count}")
     print(f"  classes: {', '.join(f'{k}={v}' for k, v in manifest.classes.items())}")
+    print("  kept / attempts per class: " + ", ".join(
+        f"{name} {summary.kept_per_class[name]}/{n}" for name, n in summary.attempts_per_class.items())
+        + (f" ({summary.top_up_rounds} top-up round(s))" if summary.top_up_rounds else ""))
     for shard, reason in sorted(summary.damaged_shards.items()):
         print(f"  shard {shard:06d} damaged: {reason} (the next run redoes it)")
     if args.verify:
@@ -244,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--peak-tflops", type=positive_float, help="device's dense peak TFLOP/s (H100 bf16: 989)")
     plan.add_argument("--utilisation", type=positive_float, default=0.35,
                       help="share of the peak a run achieves, assumed (default 0.35)")
+    plan.add_argument("--drops-from", type=Path, metavar="RUN",
+                      help="a finished or partial run of this kind: its drop rates give the cost per kept triple")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(handler=command_plan)
     inspect = commands.add_parser("inspect", help="summarise a run directory")

@@ -18,14 +18,15 @@ from pydantic import (
 SCHEMA_VERSION = 1
 from maskmint.schemas.base import ConfigError, Section, format_error, resolve_model_location
 from maskmint.schemas.inputs import AnnotateConfig, InputConfig, folder_signature, list_images
+from maskmint.schemas.running import EXECUTION_ONLY, TEMPLATE_SAMPLES, ExecutionConfig, OutputConfig
 from maskmint.schemas.prompts import MAX_CONCEPTS, PromptsConfig, concept_slots, count_lines, images_signature
 
 # The values a user picks from, each listed here once. The registries that implement them
 # (stages/families, the families' capture recipes, pipeline/executors, pipeline/export) are
 # held equal to these by tests/test_one_source.py.
 FamilyName = Literal["sd", "sdxl", "sd3", "flux"]
+from maskmint.schemas.running import ExecutorName as ExecutorName  # noqa: E402  (beside its section)
 RecipeName = Literal["cross", "concept_attention"]
-ExecutorName = Literal["ray", "local"]
 ExportFormat = Literal["folders", "coco", "hf"]
 EvaluateBand = Literal["background", "ignore"]  # what evaluate makes of a mask's 255
 SHARE_RECIPES = ("concept_attention",)  # recipes whose maps are already shares of each pixel
@@ -48,6 +49,11 @@ class ModelConfig(Section):
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field(default="auto", description="'auto' picks cuda when present, else cpu")
+    quantize: Literal["int8"] | None = Field(
+        default=None,
+        description="int8: the denoiser's and T5's linear and conv weights stored in int8 (optimum-quanto, "
+        "weight-only; activations stay in dtype), about half their fp16 memory",
+    )
 
     _resolve = field_validator("path", "inpaint_path", "single_file_config")(resolve_model_location)
 
@@ -210,6 +216,12 @@ class FilterConfig(Section):
     drop_missing_concept: bool = Field(
         default=True, description="drop a sample whose final mask lacks one of its prompt's concepts"
     )
+    max_weak_fraction: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="drop a sample whose weak mask covers more (before removal); None: off"
+    )
+    max_weak_components: int | None = Field(
+        default=None, ge=1, description="drop a sample whose weak mask has more pieces (before removal); None: off"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> FilterConfig:
@@ -218,56 +230,6 @@ class FilterConfig(Section):
         return self
 
 
-TEMPLATE_SAMPLES = 64  # output.samples when the prompts come from templates
-
-
-class OutputConfig(Section):
-    samples: int | None = Field(
-        default=None, ge=1,
-        description=f"default: one per line of prompts.file or image of input.images; {TEMPLATE_SAMPLES} from templates",
-    )
-    shard_size: int = Field(default=16, ge=1)
-    image_format: Literal["jpg", "png"] = "jpg"
-    jpeg_quality: int = Field(default=95, ge=1, le=100)
-
-
-class ExecutionConfig(Section):
-    executor: ExecutorName = Field(
-        default="ray", description="ray: shards spread over Ray actors; local: one worker in this process"
-    )
-    address: str | None = Field(
-        default=None, description="Ray cluster to join (e.g. 'auto' or 'HEAD:6379'); None starts Ray inside the run"
-    )
-    workers: int | None = Field(
-        default=None, ge=1, description="model-holding workers; None: one per gpus_per_worker of GPU, else 1"
-    )
-    gpus_per_worker: float = Field(default=1.0, gt=0.0, description="0.5 puts two workers on each GPU")
-    cpus_per_worker: float = Field(default=2.0, gt=0.0, description="CPUs a worker reserves (torch and CPU stages)")
-    max_attempts: int = Field(default=3, ge=1, description="tries per shard before it is recorded as failed")
-    object_store_memory_mb: int | None = Field(
-        default=512, ge=64, description="object store of a Ray started by the run (only small messages pass it)"
-    )
-    seed: int = Field(default=0, ge=0)
-    cpu_threads: int = Field(default=2, ge=1, description="threads for the CPU stages beside the model")
-    worker_start_timeout_s: float = Field(
-        default=900.0, gt=0.0,
-        description="a Ray worker not ready (models loaded) this long after its start or restart is given up",
-    )
-    shard_timeout_s: float | None = Field(
-        default=None, gt=0.0, description="a shard running longer has its worker restarted and counts as failed"
-    )
-    lock_stale_s: float = Field(
-        default=120.0, gt=0.0,
-        description="a run lock held from another host whose heartbeat is older than this is taken over",
-    )
-
-
-# How a run is executed does not change what it writes, so these may differ on resume.
-EXECUTION_ONLY = {
-    "executor", "address", "workers", "gpus_per_worker", "cpus_per_worker",
-    "max_attempts", "object_store_memory_mb", "cpu_threads",
-    "worker_start_timeout_s", "shard_timeout_s", "lock_stale_s",
-}
 UNET_RUNTIME_ONLY = {"compile", "channels_last"}
 # Where the weights sit is not what they are: a run moved to another mount or checkout is
 # the same run. The weights' identity enters the hash as a fingerprint instead.
@@ -296,6 +258,14 @@ class RunConfig(Section):
     def num_shards(self) -> int:
         return -(-self.output.samples // self.output.shard_size)
 
+    def quota_need(self) -> int:
+        """Samples a perfect filter would need for the quota: from templates a sample shows the
+        mean of `concepts_per_image` classes, each class taking its turn."""
+        if self.output.kept is not None:
+            return self.output.kept
+        counts = self.prompts.counts_per_image
+        return -(-self.output.kept_per_class * len(self.prompts.concepts) * len(counts) // sum(counts))
+
     def class_names(self) -> dict[int, str]:
         return {c.class_id: c.name for c in self.prompts.concepts}
 
@@ -316,6 +286,19 @@ class RunConfig(Section):
             if not captions:
                 raise ValueError(f"prompts.templates: no template names {needed} concept(s) to caption the images "
                                  f"of input.images ({{concept}} .. {{concept{needed}}})")
+        quota = self.output.kept_per_class or self.output.kept
+        if quota is not None:
+            if self.output.kept_per_class and self.output.kept:
+                raise ValueError("output: give kept_per_class or kept, not both")
+            if self.input.images is not None or self.prompts.file is not None:
+                raise ValueError("output.kept_per_class / kept: top-up rounds need prompts from templates "
+                                 "(each image or line is one sample already)")
+            need = self.quota_need()
+            update = {"samples": self.output.samples or need, "max_samples": self.output.max_samples or 4 * need}
+            if update["max_samples"] < update["samples"]:
+                raise ValueError(f"output.max_samples ({update['max_samples']}) is below output.samples "
+                                 f"({update['samples']})")
+            self = self.model_copy(update={"output": self.output.model_copy(update=update)})
         if self.output.samples is None:
             if self.input.images is not None:
                 samples = len(list_images(self.input.images))

@@ -10,6 +10,7 @@ it cannot honour. Nothing outside `stages/families` asks which family it runs.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -34,6 +35,7 @@ class Family:
     annotate_steps: ClassVar[int]
     annotate_strength: ClassVar[float]
     load_kwargs: ClassVar[dict] = {}
+    t5_component: ClassVar[str | None] = None  # the T5 encoder model.quantize also quantizes
     single_file_kwargs: ClassVar[dict] = {}
     inpainting_kwargs: ClassVar[dict] = {}
     single_file_marker: ClassVar[str]  # a tensor name only this family's original checkpoints hold
@@ -67,11 +69,28 @@ class Family:
                     **self.load_kwargs, **self.single_file_kwargs,
                 )
             else:
-                pipe = pipeline_class.from_pretrained(config.path, dtype=dtype, **self.load_kwargs)
+                pipe = pipeline_class.from_pretrained(config.path, dtype=dtype, **self.load_kwargs,
+                                                      **self.quantization(config))
         except Exception as error:  # noqa: BLE001 - any loader failure is reported the same way
             raise load_failure("path", config.path, error) from error
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
+
+    def quantized_components(self) -> list[str]:
+        return [self.denoiser_component] + ([self.t5_component] if self.t5_component else [])
+
+    def quantization(self, config: ModelConfig) -> dict:
+        """from_pretrained's quantization_config for `model.quantize`: optimum-quanto int8
+        weights for the denoiser (diffusers' config) and T5 (transformers')."""
+        if config.quantize is None:
+            return {}
+        import diffusers
+        import transformers
+
+        mapping = {self.denoiser_component: diffusers.QuantoConfig(weights_dtype="int8")}
+        if self.t5_component:
+            mapping[self.t5_component] = transformers.QuantoConfig(weights="int8")
+        return {"quantization_config": diffusers.PipelineQuantizationConfig(quant_mapping=mapping)}
 
     def load_inpainting(self, base, config: ModelConfig):
         """The inpainting pipeline sharing the base model's components (nothing loaded twice)."""
@@ -181,6 +200,11 @@ class Family:
         """Options this family cannot honour, refused before a run writes anything."""
         from maskmint.stages.families import offering  # the registry names who does offer it
 
+        if model.quantize is not None:
+            if is_single_file(model.path):
+                raise ModelLoadError("model.quantize: takes a diffusers folder or hub id, not a single-file checkpoint")
+            if importlib.util.find_spec("optimum.quanto") is None:
+                raise ModelLoadError("model.quantize: int8 needs optimum-quanto (pip install 'maskmint[quantize]')")
         if capture.recipe not in self.recipes():
             raise ModelLoadError(
                 f"capture.recipe: {capture.recipe} is offered by {offering(lambda f: capture.recipe in f.recipes())}, "

@@ -17,6 +17,7 @@ class Flux(MMDiTFamily):
     inpainting = "FluxInpaintPipeline"
     image_to_image = "FluxImg2ImgPipeline"
     single_file_marker = "double_blocks."
+    t5_component = "text_encoder_2"
     denoiser_class = "FluxTransformer2DModel"
     text_tokenizers = (("tokenizer_2", 512),)
     takes_negative_prompt = False

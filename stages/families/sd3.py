@@ -14,6 +14,7 @@ class StableDiffusion3(MMDiTFamily):
     inpainting = "StableDiffusion3InpaintPipeline"
     image_to_image = "StableDiffusion3Img2ImgPipeline"
     single_file_marker = "joint_blocks."
+    t5_component = "text_encoder_3"
     denoiser_class = "SD3Transformer2DModel"
     text_tokenizers = (("tokenizer", None), ("tokenizer_3", 256))  # the pipeline's default T5 length
     encode_kwargs = {"prompt_3": None, "do_classifier_free_guidance": False}
