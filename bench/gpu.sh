@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of maskmint in one call, most important first, so a run cut off at
 # its limit still returns what it measured. On a machine with torch and nothing else of
-# maskmint's stack: the wheels `bench/gpu-wheels.sh` puts in .whl/ travel beside it.
+# maskmint's stack: the wheels `bench/gpu-wheels.sh` puts in .whl/ travel beside it. Last,
+# Flux-schnell with int8 weights (model.quantize) for its peak memory.
 #
 #   bash bench/gpu.sh OUT                 # CUDA: the real architectures, random weights
 #   DEVICE=cpu bash bench/gpu.sh OUT      # the same steps on the tiny models (a dry run, in CI)
@@ -60,12 +61,15 @@ if [ "$device" = cuda ]; then
   step flux-schnell-cross 240 --model flux-schnell --device cuda --dtype bf16 --batch 2 --steps 4 --repeats 2 $peak
   step flux-schnell-concept 150 --model flux-schnell --device cuda --dtype bf16 --batch 2 --steps 4 --repeats 2 \
     --recipe concept_attention $peak
+  step flux-schnell-int8 240 --model flux-schnell --device cuda --dtype bf16 --batch 2 --steps 4 --repeats 2 \
+    --quantize int8 $peak
 else
   step sd15 120 --model tiny --device cpu --batch 2 --steps 2 --repeats 1
   step sd15-compile 120 --model tiny --device cpu --batch 2 --steps 2 --repeats 1 --compile --compile-backend eager
   step sdxl 120 --model tiny-sdxl --device cpu --batch 2 --steps 2 --repeats 1
   step flux-schnell-cross 120 --model tiny-flux --device cpu --batch 2 --steps 2 --repeats 1
   step flux-schnell-concept 120 --model tiny-flux --device cpu --batch 2 --steps 2 --repeats 1 --recipe concept_attention
+  step flux-schnell-int8 120 --model tiny-flux --device cpu --batch 2 --steps 2 --repeats 1 --quantize int8
 fi
 echo "}" >>"$out/steps.json"
 echo "done in $(($(date +%s) - start)) s: $out" | tee -a "$log"

@@ -61,6 +61,18 @@ PROMPTS = {
 }
 
 
+def quantize_int8(pipe) -> None:
+    """model.quantize: int8 on an in-memory pipeline: the family's denoiser and T5 given
+    optimum-quanto int8 weights, as diffusers' and transformers' QuantoConfig do on loading."""
+    from optimum.quanto import freeze, qint8, quantize
+
+    for name in family_of_pipeline(pipe).quantized_components():
+        module = getattr(pipe, name)
+        kept = getattr(module, "_keep_in_fp32_modules", None) or []
+        quantize(module, weights=qint8, exclude=[f"*{part}*" for part in kept] or None)
+        freeze(module)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -72,6 +84,8 @@ class Bench:
         self.device = torch.device(args.device)
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
         self.pipe = build_pipe(args.model, self.device, self.dtype)
+        if args.quantize:
+            quantize_int8(self.pipe)
         self.steps, self.batch = args.steps, args.batch
         self.config = RunConfig.model_validate({
             "model": {"path": str(REPO / "assets" / "tiny-sd"), "device": args.device, "family": FAMILY[args.model]},
@@ -246,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--annotate", action="store_true", help="also time variant e, annotate mode's whole chain")
     parser.add_argument("--annotate-steps", type=int, default=None, help="annotate.steps (default: the family's)")
     parser.add_argument("--annotate-strength", type=float, default=None, help="annotate.strength (default: the family's)")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="model.quantize: int8 weights for the denoiser and T5 (optimum-quanto), every variant")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
@@ -274,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     capture_50, peak_50 = bench.capture_bytes(long)
     flops = bench.flops_per_sample()
     result = {
-        "model": args.model, "recipe": args.recipe, "device": str(bench.device),
+        "model": args.model, "recipe": args.recipe, "quantize": args.quantize, "device": str(bench.device),
         "device_name": torch.cuda.get_device_name() if bench.device.type == "cuda" else "cpu",
         "dtype": args.dtype, "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),

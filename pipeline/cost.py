@@ -156,18 +156,28 @@ def weight_memory(config: RunConfig) -> dict[str, dict[str, float]]:
     if inpaint is not denoiser:
         networks["inpaint_" + family.denoiser_component] = inpaint
     width = 4 if config.model.dtype == "float32" else 2
-    quantized = set(family.quantized_components())
+    # transformers keeps a model's `_keep_in_fp32_modules` in fp32 when it loads in fp16
+    keeps_full = config.model.dtype in ("auto", "float16")
+    return components_memory(networks, width, set(family.quantized_components()), keeps_full)
+
+
+def components_memory(networks: dict, width: int, quantized: set[str], keeps_full: bool = True) -> dict[str, dict[str, float]]:
+    """GB per network under "none" and "int8", `width` bytes per unquantized value."""
     choices: dict[str, dict[str, float]] = {"none": {}, "int8": {}}
     for name, network in networks.items():
         total = sum(p.numel() for p in network.parameters()) + sum(b.numel() for b in network.buffers())
         kept = getattr(network, "_keep_in_fp32_modules", None) or ()  # quanto leaves these as they are
+        held = kept if keeps_full else ()
         linear = [m for path, m in network.named_modules()
                   if isinstance(m, torch.nn.Linear) and not any(part in kept for part in path.split("."))]
         weights = sum(m.weight.numel() for m in linear)
         scales = sum(m.out_features + 2 for m in linear)  # per output channel, and its input/output scales
-        choices["none"][name] = total * width / 1e9
-        choices["int8"][name] = ((total - weights) * width + weights + scales * width) / 1e9 \
-            if name in quantized else total * width / 1e9
+        # modules a model keeps in full precision (T5's `wo`) stay fp32 whatever the dtype
+        full = sum(p.numel() for path, p in network.named_parameters() if any(part in held for part in path.split(".")))
+        rest = (total - full) * width + full * 4
+        choices["none"][name] = rest / 1e9
+        choices["int8"][name] = (rest - weights * width + weights + scales * width) / 1e9 if name in quantized \
+            else rest / 1e9
     return {choice: {**{k: _figure(v) for k, v in parts.items()}, "total": _figure(sum(parts.values()))}
             for choice, parts in choices.items()}
 
