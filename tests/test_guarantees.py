@@ -265,9 +265,11 @@ def test_ctrl_c_exits_130_and_the_run_resumes(config_dict, write_config, tmp_pat
     data["output"] = {"samples": 60, "shard_size": 3}
     config_path, out = write_config(data), tmp_path / "run"
     command = [sys.executable, "launch.py", "run", "--config", str(config_path), "--out", str(out), "--quiet"]
-    driver = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # shard 1 waits after its first mini-batch, so the signal always lands mid-run
+    driver = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, **{FAULT_ENV: "1:hold"}))
     deadline = time.monotonic() + 120
-    while not (out / "shards" / "000000.json").exists() and time.monotonic() < deadline:
+    while not (out / ".fault-held-1").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     driver.send_signal(signal.SIGINT)
     _, err = driver.communicate(timeout=60)
