@@ -68,15 +68,19 @@ def _denoiser_step(family, network, latent: tuple[int, int], text_tokens: int) -
     return _count(lambda: network(*args, **kwargs))
 
 
-def flops_per_triple(config: RunConfig) -> dict[str, float]:
-    """FLOPs of one image / mask / background triple, by part (attention capture, the masks
-    and encoding are left out: they are a small share and not matrix work)."""
-    source = config_source(config.model)
+def _config_networks(config: RunConfig):
+    """The run's family and its meta-device networks (denoiser, inpainting denoiser, VAE, text encoders)."""
     family = check_supported(config.model, config.capture)
     inpaint_source = config.model.inpaint_path
     if inpaint_source is not None and Path(inpaint_source).is_file():
         inpaint_source = None  # a single-file inpainting UNet: counted with the base UNet's shape
-    denoiser, inpaint, vae, texts = _meta_networks(source, inpaint_source, family.name)
+    return family, *_meta_networks(config_source(config.model), inpaint_source, family.name)
+
+
+def flops_per_triple(config: RunConfig) -> dict[str, float]:
+    """FLOPs of one image / mask / background triple, by part (attention capture, the masks
+    and encoding are left out: they are a small share and not matrix work)."""
+    family, denoiser, inpaint, vae, texts = _config_networks(config)
     layout = load_text_layout(config.model)
     scale = vae_scale(vae.config)
     height, width = image_size(config.generation, denoiser.config, vae.config)
@@ -146,12 +150,7 @@ def weight_memory(config: RunConfig) -> dict[str, dict[str, float]]:
     parameters (built on the meta device): the run's dtype (fp16 for auto, as on a GPU); int8
     stores the quantized components' linear weights in one byte each plus a scale per output
     channel, as optimum-quanto does."""
-    source = config_source(config.model)
-    family = check_supported(config.model, config.capture)
-    inpaint_source = config.model.inpaint_path
-    if inpaint_source is not None and Path(inpaint_source).is_file():
-        inpaint_source = None
-    denoiser, inpaint, vae, texts = _meta_networks(source, inpaint_source, family.name)
+    family, denoiser, inpaint, vae, texts = _config_networks(config)
     networks = {family.denoiser_component: denoiser, "vae": vae, **dict(texts)}
     if inpaint is not denoiser:
         networks["inpaint_" + family.denoiser_component] = inpaint

@@ -84,9 +84,11 @@ def tally(stats: list[ShardStats]) -> tuple[dict[int, int], dict[int, int]]:
     return attempts, kept
 
 
-def shortfall(config: RunConfig, stats: list[ShardStats]) -> dict[int, int]:
-    """class id -> kept samples still missing (with `output.kept`, key 0: the whole run)."""
-    attempts, kept = tally(stats)
+def shortfall(config: RunConfig, stats: list[ShardStats], kept: dict[int, int] | None = None) -> dict[int, int]:
+    """class id -> kept samples still missing (with `output.kept`, key 0: the whole run);
+    `kept` is `tally`'s, when the caller has it already."""
+    if kept is None:
+        kept = tally(stats)[1]
     if config.output.kept is not None:
         total = sum(len(s.written) for s in stats)
         return {0: config.output.kept - total} if total < config.output.kept else {}
@@ -96,12 +98,12 @@ def shortfall(config: RunConfig, stats: list[ShardStats]) -> dict[int, int]:
 
 def next_round(config: RunConfig, stats: list[ShardStats], rounds: list[TopUp]) -> TopUp | None:
     """The next top-up round, or None when the quota is met or no attempts are left."""
-    short = shortfall(config, stats)
+    attempts, kept = tally(stats)
+    short = shortfall(config, stats, kept)
     planned = planned_samples(config.output.samples, rounds)
     budget = config.output.max_samples - planned
     if not short or budget <= 0:
         return None
-    attempts, kept = tally(stats)
     classes = list(config.class_names())
     if 0 in short:  # the whole run: classes take turns, at the run's own keep rate
         rate = (sum(len(s.written) for s in stats) + 1) / (sum(s.planned for s in stats) + 2)

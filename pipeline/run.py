@@ -111,8 +111,8 @@ def _plan_top_up(config: RunConfig, rundir: RunDir) -> list[int]:
     rounds = rundir.rounds()
     stats = rundir.shard_stats()
     top_up = quota.next_round(config, stats, rounds)
+    short = quota.shortfall(config, stats)
     if top_up is None:
-        short = quota.shortfall(config, stats)
         if short:
             print(f"warning: output.max_samples ({config.output.max_samples}) reached with "
                   f"{quota.describe_shortfall(config, stats, short)}", file=sys.stderr)
@@ -120,7 +120,7 @@ def _plan_top_up(config: RunConfig, rundir: RunDir) -> list[int]:
     first = rundir.planned_shards()
     quota.write_rounds(rundir.root, [*rounds, top_up])
     print(f"top-up round {len(rounds) + 1}: {len(top_up.first_classes)} samples for "
-          f"{quota.describe_shortfall(config, stats, quota.shortfall(config, stats))}", file=sys.stderr)
+          f"{quota.describe_shortfall(config, stats, short)}", file=sys.stderr)
     return list(range(first, rundir.planned_shards()))
 
 
