@@ -18,6 +18,7 @@ from pydantic import (
 SCHEMA_VERSION = 1
 from maskmint.schemas.base import ConfigError, Section, format_error, resolve_model_location
 from maskmint.schemas.inputs import AnnotateConfig, InputConfig, folder_signature, list_images
+from maskmint.schemas.masking import ADAPTER_WEIGHTS, FilterConfig, MaskConfig, RefineConfig, RemovalConfig
 from maskmint.schemas.running import EXECUTION_ONLY, TEMPLATE_SAMPLES, ExecutionConfig, OutputConfig
 from maskmint.schemas.prompts import MAX_CONCEPTS, PromptsConfig, concept_slots, count_lines, images_signature
 
@@ -142,94 +143,6 @@ class CaptureConfig(Section):
         return value
 
 
-class MaskConfig(Section):
-    threshold: Literal["fixed", "otsu", "gmm", "band"] = Field(
-        default="fixed",
-        description="fixed: tau; otsu: Otsu's threshold per class map; gmm: where a two-component Gaussian "
-        "mixture of the map's values says 'high'; band: class at band_high and above, ignore (255) from "
-        "band_low, background below",
-    )
-    tau: float = Field(default=0.4, gt=0.0, lt=1.0)
-    normalise: Literal["per_map", "none"] = Field(
-        default="per_map",
-        description="per_map: stretch each concept's map to [0, 1] before thresholds and argmax; none: take the "
-        "maps as they are, for capture.recipe concept_attention, whose maps are already each pixel's share of "
-        "the softmax over the objects and the background concepts",
-    )
-    band_low: float = Field(default=0.3, gt=0.0, lt=1.0, description="threshold 'band': below it, background")
-    band_high: float = Field(default=0.6, gt=0.0, lt=1.0, description="threshold 'band': from it, the class")
-    open_px: int = Field(default=1, ge=0, description="radius of the opening that removes specks")
-    close_px: int = Field(default=2, ge=0, description="radius of the closing that fills pinholes")
-    min_area: float = Field(default=0.002, ge=0.0, lt=1.0, description="smallest component kept, as image fraction")
-
-    @model_validator(mode="after")
-    def _band_ordered(self) -> MaskConfig:
-        if self.band_low >= self.band_high:
-            raise ValueError("band_low must be below band_high")
-        return self
-
-
-class RemovalConfig(Section):
-    steps: int = Field(default=30, ge=1, le=1000)
-    guidance_scale: float = Field(default=7.5, ge=0.0)
-    strength: float = Field(default=1.0, gt=0.0, le=1.0)
-    dilate_px: int = Field(default=4, ge=0, description="grow the weak mask before inpainting so edges go too")
-    prefill: bool = Field(
-        default=False,
-        description="fill the region from its surroundings (OpenCV Telea) first, so that with strength < 1 "
-        "denoising starts from that fill instead of from the object",
-    )
-
-
-    @model_validator(mode="after")
-    def _some_step_left(self) -> RemovalConfig:
-        if int(self.steps * self.strength) < 1:
-            raise ValueError(f"removal.strength: {self.strength:g} of removal.steps {self.steps} leaves no denoising "
-                             "step (steps x strength must be at least 1)")
-        return self
-
-
-class RefineConfig(Section):
-    delta_e: float = Field(default=12.0, gt=0.0, description="Lab colour distance that counts as 'changed'")
-    dilate_px: int = Field(default=6, ge=0, description="how far outside the weak mask the object may reach")
-    open_px: int = Field(default=1, ge=0)
-    close_px: int = Field(default=2, ge=0)
-    min_area: float = Field(default=0.002, ge=0.0, lt=1.0)
-    ignore_band: bool = Field(default=True, description="mark uncertain pixels 255")
-    boundary_px: int = Field(default=1, ge=0, description="width of the 255 band on the mask outline")
-    disagree_low: float = Field(
-        default=0.05, ge=0.0, le=1.0, description="object pixels whose heat is below this become 255"
-    )
-    disagree_high: float = Field(
-        default=0.9, ge=0.0, le=1.0, description="background pixels whose heat is above this become 255"
-    )
-
-
-class FilterConfig(Section):
-    min_mask_fraction: float = Field(default=0.005, ge=0.0, le=1.0)
-    max_mask_fraction: float = Field(default=0.9, ge=0.0, le=1.0)
-    max_components: int = Field(default=4, ge=1)
-    min_image_std: float = Field(default=2.0, ge=0.0, description="below this (0..255 scale) an image is 'blank'")
-    min_removal_delta: float = Field(
-        default=3.0, ge=0.0, description="mean Lab change inside the weak mask below which removal 'failed'"
-    )
-    drop_missing_concept: bool = Field(
-        default=True, description="drop a sample whose final mask lacks one of its prompt's concepts"
-    )
-    max_weak_fraction: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="drop a sample whose weak mask covers more (before removal); None: off"
-    )
-    max_weak_components: int | None = Field(
-        default=None, ge=1, description="drop a sample whose weak mask has more pieces (before removal); None: off"
-    )
-
-    @model_validator(mode="after")
-    def _ordered(self) -> FilterConfig:
-        if self.min_mask_fraction >= self.max_mask_fraction:
-            raise ValueError("min_mask_fraction must be below max_mask_fraction")
-        return self
-
-
 UNET_RUNTIME_ONLY = {"compile", "channels_last"}
 # Where the weights sit is not what they are: a run moved to another mount or checkout is
 # the same run. The weights' identity enters the hash as a fingerprint instead.
@@ -343,9 +256,12 @@ class RunConfig(Section):
             mode="json",
             exclude={
                 "name": True, "model": MODEL_LOCATIONS, "prompts": INPUT_FILES, "input": INPUT_FOLDERS,
-                "execution": EXECUTION_ONLY, "generation": UNET_RUNTIME_ONLY,
+                "execution": EXECUTION_ONLY, "generation": UNET_RUNTIME_ONLY, "removal": {"adapter"},
             },
         )
+        if self.removal.adapter is not None:  # what the adapter is, not where it sits
+            content["removal_adapter_sha256"] = hashlib.sha256(
+                (Path(self.removal.adapter) / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
         content["model_fingerprint"] = model_fingerprint
         if self.prompts.file is not None:
             content["prompts_file_sha256"] = hashlib.sha256(Path(self.prompts.file).read_bytes()).hexdigest()

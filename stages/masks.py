@@ -57,6 +57,19 @@ def clean(mask: np.ndarray, open_px: int, close_px: int, min_area: float) -> np.
     return m.astype(bool)
 
 
+def orphan_filter(mask: np.ndarray) -> np.ndarray:
+    """The concept-distillation clean-up: an inner pixel is set where at least half of its
+    3 x 3 neighbourhood is (a majority vote that drops lone pixels and fills lone holes);
+    the outermost rows and columns are left as they are."""
+    m = mask.astype(bool)
+    if min(m.shape) < 3:
+        return m
+    votes = cv2.blur(m.astype(np.float32), (3, 3), borderType=cv2.BORDER_CONSTANT)
+    out = m.copy()
+    out[1:-1, 1:-1] = votes[1:-1, 1:-1] >= 0.5 - 1e-6
+    return out
+
+
 def lab_distance(image: np.ndarray, other: np.ndarray) -> np.ndarray:
     """Per-pixel CIE76 colour difference of two uint8 RGB images."""
     a = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)

@@ -8,7 +8,7 @@ from sklearn.mixture import GaussianMixture
 
 from maskmint.schemas.config import MaskConfig
 from maskmint.schemas.records import BACKGROUND_ID, IGNORE_INDEX
-from maskmint.stages.masks import clean
+from maskmint.stages.masks import clean, orphan_filter
 
 
 def normalise(heat: np.ndarray) -> np.ndarray:
@@ -37,6 +37,17 @@ def gmm_threshold(values: np.ndarray, seed: int = 0) -> float:
     return float(grid[above[0], 0]) if len(above) else 1.0
 
 
+def gmm_midpoint(values: np.ndarray, seed: int = 0) -> float:
+    """The concept-distillation paper's threshold: the mean of a two-component Gaussian
+    mixture's two means (`gmm` instead asks where the mixture's posterior turns)."""
+    flat = values.reshape(-1, 1).astype(np.float64)
+    if np.ptp(flat) == 0:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    fitted = flat[rng.choice(len(flat), size=min(GMM_SAMPLE, len(flat)), replace=False)]
+    return float(GaussianMixture(n_components=2, random_state=seed).fit(fitted).means_.mean())
+
+
 def class_threshold(norm: np.ndarray, config: MaskConfig) -> float:
     if config.threshold == "fixed" or np.ptp(norm) == 0:
         return config.tau
@@ -44,6 +55,8 @@ def class_threshold(norm: np.ndarray, config: MaskConfig) -> float:
         return float(threshold_otsu(norm))
     if config.threshold == "gmm":
         return gmm_threshold(norm)
+    if config.threshold == "gmm_midpoint":
+        return gmm_midpoint(norm)
     return config.band_high
 
 
@@ -61,7 +74,10 @@ def weak_mask(heat: np.ndarray, class_ids: list[int], config: MaskConfig) -> np.
     mask = np.full(heat.shape[1:], BACKGROUND_ID, dtype=np.uint8)
     winner = norm.argmax(axis=0)
     for c, class_id in enumerate(class_ids):
-        region = clean(norm[c] >= class_threshold(norm[c], config), config.open_px, config.close_px, config.min_area)
+        region = norm[c] >= class_threshold(norm[c], config)
+        if config.orphan_filter:
+            region = orphan_filter(region)
+        region = clean(region, config.open_px, config.close_px, config.min_area)
         mask[region & (winner == c)] = class_id
     if config.threshold == "band":
         score = norm[: len(class_ids)].max(axis=0)
