@@ -1,4 +1,4 @@
-"""maskmint command line: plan, run, inspect, preview, export, evaluate."""
+"""maskmint command line: plan, run, inspect, preview, export, evaluate, distill."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ EXECUTION_FLAGS = ("executor", "address", "workers")  # `run` flags that overrid
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from maskmint.pipeline.distill import DistillError
     from maskmint.pipeline.evaluate import EvaluateError
     from maskmint.pipeline.executors import RunCannotStart
     from maskmint.pipeline.rundir import RunDirError
@@ -31,7 +32,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from maskmint.stages.loading import ModelLoadError
     from maskmint.stages.tokens import PromptError
 
-    return ConfigError, RunDirError, ModelLoadError, PromptError, RunCannotStart, EvaluateError
+    return ConfigError, RunDirError, ModelLoadError, PromptError, RunCannotStart, EvaluateError, DistillError
 
 
 def _taken_over() -> type[Exception]:
@@ -203,6 +204,40 @@ def command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_distill(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from maskmint.pipeline.distill import distill
+    from maskmint.schemas.base import format_error
+    from maskmint.schemas.config import ConfigError
+    from maskmint.schemas.distill import DistillConfig
+
+    given = {name: getattr(args, name) for name in DistillConfig.model_fields if getattr(args, name) is not None}
+    try:
+        options = DistillConfig.model_validate(given)
+    except ValidationError as error:
+        raise ConfigError(format_error(error, prefix="distill --")) from None
+    report = distill(args.dir, args.out, options, progress=not args.quiet, device=args.device)
+    print(f"{args.out}: adapter after {report['steps_done']} steps on {report['samples']} samples "
+          f"({report['train_seconds']:.0f} s, final loss {report['final_loss']:.4f}); use it with removal.adapter")
+    return 0
+
+
+def distill_flags(command: argparse.ArgumentParser) -> None:
+    """One flag per DistillConfig option, its help and default from the schema."""
+    from maskmint.schemas.distill import DistillConfig
+
+    for name, field in DistillConfig.model_fields.items():
+        flag, default = "--" + name.replace("_", "-"), field.default
+        shown = "none" if default is None else ("on" if default is True else "off" if default is False else f"{default:g}")
+        help_text = f"{field.description or name} (default {shown})"
+        if field.annotation in (bool, "bool"):
+            command.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = int if field.annotation in (int, "int") else float
+            command.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+
+
 def whole_number(minimum: int):
     """argparse type: an integer >= minimum, refused in argparse's own one-line way."""
 
@@ -295,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the masks' 255 pixels: background (default) or ignore (left out of the scores)")
     evaluator.add_argument("--json", action="store_true", help="machine-readable output")
     evaluator.set_defaults(handler=command_evaluate)
+    distiller = commands.add_parser("distill", help="teach the removal model a finished run's backgrounds (a LoRA adapter)")
+    distiller.add_argument("dir", type=Path, help="the finished run to learn from")
+    distiller.add_argument("--out", required=True, type=Path, help="adapter folder; re-running continues it")
+    distiller.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: the run's model.device)")
+    distiller.add_argument("--quiet", action="store_true", help="no progress bar")
+    distill_flags(distiller)
+    distiller.set_defaults(handler=command_distill)
     return parser
 
 

@@ -83,7 +83,8 @@ class ShardWorker:
         self.weak_mask = WeakMask(config.mask)
         family, inpaint = self.generate.family, load_inpainting(pipe, config.model)
         self.remove = Remove(inpaint, config.removal, family.removal_prompts(self.generate.layout),
-                             reuse_latents=family.reuses_generation_latents(family.denoiser(inpaint).config))
+                             reuse_latents=family.reuses_generation_latents(family.denoiser(inpaint).config),
+                             denoiser=family.denoiser(inpaint))
         self.refine = Refine(config.refine)
         self.early_filter = EarlyFilter(config.filter, config.refine.dilate_px)
         self.filter = Filter(config.filter)

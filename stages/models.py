@@ -4,10 +4,13 @@ load, and loading it (what differs per family is the family's)."""
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import torch
 
 from maskmint.schemas.config import CaptureConfig, GenerationConfig, ModelConfig, RunConfig
+from maskmint.schemas.masking import ADAPTER_PROVENANCE, ADAPTER_WEIGHTS
 from maskmint.stages.families import Family, family_of_pipeline, resolve_family
 from maskmint.stages.loading import ModelLoadError, config_source, quiet_libraries, read_model_json
 from maskmint.stages.tokens import TextLayout
@@ -59,7 +62,24 @@ def check_before_loading(config: RunConfig) -> Family:
                 f"{name}'s {levels}); e.g. {max(tile, size // tile * tile)}"
             )
     family.check_capture_against(config.capture, denoiser)
+    if config.removal.adapter is not None:
+        check_adapter(config.removal.adapter, family, config.model)
     return family
+
+
+def check_adapter(folder: str, family: Family, model: ModelConfig) -> None:
+    """A removal adapter must have been trained on this family's base denoiser."""
+    try:
+        trained = json.loads((Path(folder) / ADAPTER_PROVENANCE).read_text())
+    except (OSError, ValueError):
+        raise ModelLoadError(f"removal.adapter: {folder}/{ADAPTER_PROVENANCE} is unreadable") from None
+    if trained.get("family") != family.name:
+        raise ModelLoadError(f"removal.adapter: trained for family {trained.get('family')}, this model is {family.name}")
+    if model.inpaint_path is not None:
+        raise ModelLoadError("removal.adapter: the adapter was trained on the base denoiser; it cannot be used with "
+                             "model.inpaint_path's dedicated inpainting model")
+    if not (Path(folder) / ADAPTER_WEIGHTS).is_file():
+        raise ModelLoadError(f"removal.adapter: {folder} has no {ADAPTER_WEIGHTS}")
 
 
 def load_text_to_image(config: ModelConfig, device: torch.device, dtype: torch.dtype):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import cv2
 import numpy as np
 import torch
 
 from maskmint.schemas.config import RemovalConfig
+from maskmint.schemas.masking import ADAPTER_WEIGHTS
 from maskmint.schemas.records import BACKGROUND_ID
+from maskmint.stages.loading import ModelLoadError
 from maskmint.stages.masks import cover_cells, dilate
 
 # Inpainting noise must differ from generation noise drawn from the same seed.
@@ -20,19 +24,49 @@ def prefill(image: np.ndarray, region: np.ndarray) -> np.ndarray:
     return cv2.inpaint(image, region.astype(np.uint8), radius, cv2.INPAINT_TELEA)
 
 
+ADAPTER_NAME = "maskmint_removal"
+
+
+def load_adapter(denoiser, folder: str) -> None:
+    """The distilled LoRA adapter loaded beside the denoiser's weights, switched off: the
+    denoiser computes exactly what it did until removal switches it on."""
+    try:
+        denoiser.load_lora_adapter(folder, prefix=None, adapter_name=ADAPTER_NAME, weight_name=ADAPTER_WEIGHTS)
+    except Exception as error:  # noqa: BLE001 - a file that is not this denoiser's adapter
+        raise ModelLoadError(f"removal.adapter: cannot load {folder}: {error}".splitlines()[0]) from error
+    denoiser.disable_adapters()
+
+
+@contextlib.contextmanager
+def adapter_on(denoiser):
+    if denoiser is None:
+        yield
+        return
+    denoiser.enable_adapters()
+    try:
+        yield
+    finally:
+        denoiser.disable_adapters()
+
+
 class Remove:
     """Batch stage: adds `background` uint8 [B,H,W,3]. Samples with an empty weak mask, or
     marked in `removal_skips` (already dropped), keep their image; the rest are inpainted as
     one batch, with no work for the others."""
 
-    def __init__(self, inpaint_pipe, config: RemovalConfig, prompt_kwargs=None, reuse_latents: bool = False):
+    def __init__(self, inpaint_pipe, config: RemovalConfig, prompt_kwargs=None, reuse_latents: bool = False,
+                 denoiser=None):
         """`prompt_kwargs(prompts, negatives)`: the family's text arguments (default: SD's).
         `reuse_latents`: the inpainting denoiser blends latents, so generation's latents stand
-        in for the image's (two VAE encodes skipped; the family says when)."""
+        in for the image's (two VAE encodes skipped; the family says when). `denoiser`: the
+        inpainting pipeline's, where `config.adapter` is loaded."""
         self.pipe = inpaint_pipe
         self.config = config
         self.prompt_kwargs = prompt_kwargs or (lambda prompts, negatives: {"prompt": prompts, "negative_prompt": negatives})
         self.reuse_latents = reuse_latents
+        self.denoiser = denoiser
+        if config.adapter is not None:
+            load_adapter(denoiser, config.adapter)
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
@@ -54,7 +88,16 @@ class Remove:
             start = np.stack([prefill(images[i], regions[i]) for i in todo]) if self.config.prefill else images[todo]
             image, masked = start.astype(np.float32) / 255.0, None
         masked_kwargs = {} if masked is None else {"masked_image_latents": masked}
-        inpainted = self.pipe(
+        with adapter_on(self.denoiser if self.config.adapter else None):
+            inpainted = self._inpaint(batch, todo, image, masked_kwargs, cells, height, width, device)
+        inpainted = (np.nan_to_num(inpainted).clip(0, 1) * 255).round().astype(np.uint8)
+        # Outside the region the original pixels are exact; the VAE round trip would blur them.
+        for j, i in enumerate(todo):
+            backgrounds[i][regions[i]] = inpainted[j][regions[i]]
+        return {"background": backgrounds}
+
+    def _inpaint(self, batch, todo, image, masked_kwargs, cells, height, width, device):
+        return self.pipe(
             **self.prompt_kwargs([batch["background_prompt"][i] for i in todo],
                                  [batch["background_negative_prompt"][i] for i in todo]),
             image=image,
@@ -68,8 +111,3 @@ class Remove:
             generator=[torch.Generator(device).manual_seed(int(batch["seed"][i]) + REMOVAL_SEED_OFFSET) for i in todo],
             output_type="np",
         ).images
-        inpainted = (np.nan_to_num(inpainted).clip(0, 1) * 255).round().astype(np.uint8)
-        # Outside the region the original pixels are exact; the VAE round trip would blur them.
-        for j, i in enumerate(todo):
-            backgrounds[i][regions[i]] = inpainted[j][regions[i]]
-        return {"background": backgrounds}

@@ -10,6 +10,7 @@ import pytest
 
 from bench.chaos import audit
 from maskmint.pipeline.run import run
+from maskmint.pipeline.testing.faults import FAULT_ENV
 from maskmint.schemas.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -27,8 +28,11 @@ def cluster():
     cluster.shutdown()
 
 
-def test_losing_a_node_mid_run_loses_nothing(cluster, config_dict, write_config, tmp_path):
+def test_losing_a_node_mid_run_loses_nothing(cluster, config_dict, write_config, tmp_path, monkeypatch):
     cluster, worker_node = cluster
+    # Shard 0 waits until the other worker has published a shard: however slowly one worker
+    # starts under load, both nodes publish before the node is lost.
+    monkeypatch.setenv(FAULT_ENV, "0:hold")
     config_dict["output"] = {"samples": 24, "shard_size": 2}
     config_dict["execution"].update({
         "executor": "ray", "address": cluster.address, "workers": 2, "cpus_per_worker": 1,
@@ -43,6 +47,8 @@ def test_losing_a_node_mid_run_loses_nothing(cluster, config_dict, write_config,
         deadline = time.time() + 300
         while time.time() < deadline:
             written = list(shards.glob("[0-9]*.json")) if shards.exists() else []
+            if (out / ".fault-held-0").exists() and written:
+                (out / ".fault-release-0").touch()
             nodes = {json.loads(p.read_text())["worker"]["ray_node"] for p in written}
             if len(nodes) == 2:  # both nodes have published: the worker node is busy mid-run
                 removed["at"] = len(written)

@@ -167,8 +167,26 @@ class Family:
     def latents_from_vae(self, pipe, encoded, height: int, width: int):
         """The VAE's latents (of images being encoded) as the denoiser takes them: the inverse
         of `latents_for_vae`."""
+        return self.scaled_latents(pipe, encoded)
+
+    @staticmethod
+    def scaled_latents(pipe, encoded):
+        """The VAE's latents shifted and scaled, still on the VAE's [B, C, h, w] grid."""
         shift = getattr(pipe.vae.config, "shift_factor", None)
         return ((encoded - shift) if shift else encoded) * pipe.vae.config.scaling_factor
+
+    # -- training (distill) ------------------------------------------------------------------
+    # the denoiser's projections a LoRA adapter wraps: every attention's query, key, value, out
+    lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def training_example(self, pipe, clean, noise, uniform):
+        """(noisy latents, timesteps, target) of the family's training objective, from clean
+        [B, C, h, w] latents, their noise and one uniform draw in [0, 1) per sample."""
+        raise NotImplementedError
+
+    def predict(self, pipe, noisy, timesteps, states, pooled, guidance: float):
+        """The denoiser's prediction for [B, C, h, w] latents, on the same grid."""
+        raise NotImplementedError
 
     # -- capture -----------------------------------------------------------------------------
     def recipes(self) -> dict[str, Callable]:

@@ -33,6 +33,19 @@ class Flux(MMDiTFamily):
             return transformer.time_text_embed(timestep * TIMESTEP_SCALE, pooled)
         return transformer.time_text_embed(timestep * TIMESTEP_SCALE, guidance * TIMESTEP_SCALE, pooled)
 
+    def predict(self, pipe, noisy, timesteps, states, pooled, guidance: float):
+        batch, channels, rows, cols = noisy.shape
+        transformer = pipe.transformer
+        ids = pipe._prepare_latent_image_ids(batch, rows // 2, cols // 2, noisy.device, noisy.dtype)
+        steer = torch.full((batch,), guidance, device=noisy.device, dtype=noisy.dtype) if transformer.config.guidance_embeds else None
+        out = transformer(
+            hidden_states=pipe._pack_latents(noisy, batch, channels, rows, cols),
+            timestep=timesteps / TIMESTEP_SCALE, guidance=steer, pooled_projections=pooled,
+            encoder_hidden_states=states, txt_ids=torch.zeros(states.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+            img_ids=ids,
+        ).sample
+        return pipe._unpack_latents(out, rows * pipe.vae_scale_factor, cols * pipe.vae_scale_factor, pipe.vae_scale_factor)
+
     def latents_for_vae(self, pipe, latents, height: int, width: int):
         return super().latents_for_vae(pipe, pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor),
                                        height, width)

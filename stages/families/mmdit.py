@@ -38,6 +38,13 @@ class MMDiTFamily(Family):
         # that of its current step (the next one, at a step's end)
         return pipe.scheduler.scale_noise(clean, timestep, noise)
 
+    def training_example(self, pipe, clean, noise, uniform):
+        """Rectified flow: a uniform noise level s, the latents (1 - s) x + s noise, the
+        velocity noise - x as target; the timestep is s on the scheduler's 0..1000 scale."""
+        sigma = uniform.to(clean.device, clean.dtype).view(-1, *[1] * (clean.ndim - 1))
+        noisy = (1 - sigma) * clean + sigma * noise
+        return noisy, uniform.to(clean.device, clean.dtype) * pipe.scheduler.config.num_train_timesteps, noise - clean
+
     def joint_processor(self):
         """The attention processor class that computes this family's joint attention and
         hands the image-query x text-key block to the `cross` store."""

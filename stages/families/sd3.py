@@ -28,6 +28,10 @@ class StableDiffusion3(MMDiTFamily):
     def time_embedding(self, transformer, timestep, pooled, guidance=None):
         return transformer.time_text_embed(timestep, pooled)
 
+    def predict(self, pipe, noisy, timesteps, states, pooled, guidance: float):
+        return pipe.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=states,
+                                pooled_projections=pooled).sample
+
     def denoiser_call(self, config, latent, text_tokens):
         meta = dict(device="meta")
         sample = torch.zeros(1, config.in_channels, *latent, **meta)

@@ -61,6 +61,27 @@ class UNetFamily(Family):
             return 0
         return super().removal_encodes(inpaint_denoiser_config, prefill)
 
+    # -- training ----------------------------------------------------------------------------
+    def training_example(self, pipe, clean, noise, uniform):
+        """DDPM's objective on the model's own training schedule: a uniform timestep, the
+        noise (or the velocity, for v-prediction models) as target."""
+        from diffusers import DDPMScheduler
+
+        schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        steps = schedule.config.num_train_timesteps
+        timesteps = (uniform * steps).long().clamp(max=steps - 1).to(clean.device)
+        noisy = schedule.add_noise(clean, noise, timesteps)
+        if schedule.config.prediction_type == "v_prediction":
+            return noisy, timesteps, schedule.get_velocity(clean, noise, timesteps)
+        return noisy, timesteps, noise
+
+    def predict(self, pipe, noisy, timesteps, states, pooled, guidance: float):
+        return pipe.unet(noisy, timesteps, encoder_hidden_states=states,
+                         **self.training_conditions(pipe, noisy, pooled)).sample
+
+    def training_conditions(self, pipe, noisy, pooled) -> dict:
+        return {}
+
     # -- capture -----------------------------------------------------------------------------
     def recipes(self):
         return {"cross": self._cross}
@@ -135,6 +156,12 @@ class StableDiffusionXL(UNetFamily):
 
     def pooled(self, encoded: tuple):
         return encoded[2]
+
+    def training_conditions(self, pipe, noisy, pooled) -> dict:
+        """The pooled text and the size numbers of an uncropped image at the model's size."""
+        height, width = (side * pipe.vae_scale_factor for side in noisy.shape[-2:])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=noisy.dtype, device=noisy.device)
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.repeat(len(noisy), 1)}}
 
     def added_conditions(self, config) -> dict:
         """SDXL's UNet also takes the pooled text and six size numbers."""
