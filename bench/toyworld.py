@@ -20,6 +20,9 @@ SHAPES = {"circle": 1, "square": 2, "triangle": 3}
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (40, 70, 230), "yellow": (230, 200, 20)}
 BACKGROUND_KINDS = ("flat", "gradient", "striped", "noise")
 BACKGROUND_TONES = {"gray": 128, "white": 215, "black": 40}
+# Backgrounds the shipped models never saw, captioned with a word they know (the domain a
+# removal adapter is distilled on): checkerboards called "striped", dot grids called "noise".
+UNSEEN_KINDS = {"checkerboard": "striped", "dots": "noise"}
 WORDS = ["a", "and", "on", "background", *SHAPES, *COLORS, *BACKGROUND_KINDS, *BACKGROUND_TONES]
 
 # A pixel is 'object' when its HSV saturation and value are at least these (0..255 scale).
@@ -52,6 +55,15 @@ def render_background(kind: str, tone: str, rng: np.random.Generator, size: int 
         gray = level + (stripes[None, :] if rng.random() < 0.5 else stripes[:, None]) * np.ones((size, size), np.float32)
     elif kind == "noise":
         gray = level + rng.normal(0, 22, (size, size)).astype(np.float32)
+    elif kind == "checkerboard":
+        cell = int(rng.integers(4, 9))
+        rows, cols = np.mgrid[:size, :size] // cell
+        gray = level + ((rows + cols) % 2).astype(np.float32) * 60 - 30
+    elif kind == "dots":
+        step = int(rng.integers(6, 10))
+        rows, cols = np.mgrid[:size, :size] % step
+        dot = (rows - step // 2) ** 2 + (cols - step // 2) ** 2 <= (step // 4) ** 2
+        gray = level + np.where(dot, 45.0, -10.0).astype(np.float32)
     else:
         raise ValueError(f"unknown background kind {kind}")
     gray = np.clip(gray, 0, 255).astype(np.uint8)
@@ -76,7 +88,7 @@ def shape_mask(shape: str, center: tuple[int, int], radius: int, size: int = SIZ
 
 def caption_for(objects: list[tuple[str, str]], kind: str, tone: str) -> str:
     things = " and ".join(f"a {colour} {shape}" for colour, shape in objects)
-    scene = f"a {kind} {tone} background"
+    scene = f"a {UNSEEN_KINDS.get(kind, kind)} {tone} background"
     return f"{things} on {scene}" if things else scene
 
 
@@ -104,13 +116,14 @@ def _place(shape: str, drawn: list[np.ndarray], rng: np.random.Generator, size: 
     return None
 
 
-def render_scene(rng: np.random.Generator, n_objects: int | None = None, size: int = SIZE) -> Scene:
+def render_scene(rng: np.random.Generator, n_objects: int | None = None, size: int = SIZE,
+                 kinds: tuple[str, ...] = BACKGROUND_KINDS) -> Scene:
     """1-3 objects of distinct shapes and colours; later ones are drawn over earlier ones.
 
     The mask is exact under overlap: each pixel holds the class of the last object drawn
     there, and `objects` lists the objects in drawing order (the caption's order).
     """
-    kind = BACKGROUND_KINDS[rng.integers(len(BACKGROUND_KINDS))]
+    kind = kinds[rng.integers(len(kinds))]
     tone = list(BACKGROUND_TONES)[rng.integers(len(BACKGROUND_TONES))]
     background = render_background(kind, tone, rng, size)
     image = background.copy()

@@ -1,0 +1,147 @@
+"""What distillation changes, measured on the toy world where the exact background is known.
+
+    python -m bench.distill_toy --out /tmp/distill-toy --train 64 --test 32 --steps 600
+
+1. Renders a domain of backgrounds the shipped model never learnt (checkerboards and dot
+   grids, captioned "striped" and "noise"): a training split and a held-out one (other
+   seeds), and a held-out split of the shipped world's own backgrounds.
+2. Annotates the training split with configs/annotate.yaml's settings and distils that
+   run's own weak masks into an adapter (no truth is read).
+3. Annotates both held-out splits with and without `removal.adapter`, and scores each
+   against the exact scene: the removed background's mean RGB error inside the objects,
+   the object colour left there, and the weak and final foreground IoU.
+
+Writes OUT/distill-toy.json; `--json PATH` copies it (bench/distill-toy.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from bench.toyworld import BACKGROUND_KINDS, UNSEEN_KINDS, object_pixels, render_scene
+from maskmint.pipeline.dataset import read_samples
+from maskmint.pipeline.distill import distill
+from maskmint.pipeline.run import run
+from maskmint.schemas.config import MaskConfig, parse_config
+from maskmint.schemas.distill import DistillConfig
+from maskmint.stages.weak_mask import weak_mask
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_split(out: Path, count: int, seed: int, kinds: tuple[str, ...]) -> Path:
+    if (out / "lines.jsonl").is_file():  # kept: a rewrite changes the files' times, so the runs' hashes
+        return out / "lines.jsonl"
+    for part in ("images", "truth", "backgrounds"):
+        (out / part).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        scene = render_scene(np.random.default_rng(seed * 100_000 + i), n_objects=1, kinds=kinds)
+        name = f"{i:04d}.png"
+        cv2.imwrite(str(out / "images" / name), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out / "truth" / name), scene.mask)
+        cv2.imwrite(str(out / "backgrounds" / name), cv2.cvtColor(scene.background, cv2.COLOR_RGB2BGR))
+        lines.append({"image": f"images/{name}", "prompt": scene.caption, "concepts": [s for _, s in scene.objects],
+                      "background": scene.caption.rpartition(" on ")[2]})
+    (out / "lines.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return out / "lines.jsonl"
+
+
+def annotate(lines: Path, count: int, out: Path, adapter: Path | None = None) -> None:
+    data = yaml.safe_load((REPO / "configs" / "annotate.yaml").read_text())
+    data["model"]["path"] = str(REPO / "assets" / "tiny-sd")
+    data["prompts"]["file"] = str(lines)
+    data["output"] = {"samples": count, "shard_size": 16}
+    data["execution"] = {"executor": "local"}
+    if adapter is not None:
+        data["removal"]["adapter"] = str(adapter)
+    run(parse_config(copy.deepcopy(data)), out, show_progress=False)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def score(run_dir: Path, split: Path) -> dict:
+    mask_config = MaskConfig.model_validate(json.loads((run_dir / "run.json").read_text())["config"]["mask"])
+    errors, left, weak_ious, final_ious = [], [], [], []
+    kept = 0
+    for sample in read_samples(str(run_dir)):
+        kept += 1
+        name = Path(sample.metadata["source"]["path"]).name
+        truth = cv2.imread(str(split / "truth" / name), cv2.IMREAD_GRAYSCALE) > 0
+        exact = cv2.cvtColor(cv2.imread(str(split / "backgrounds" / name)), cv2.COLOR_BGR2RGB)
+        removed = sample.background
+        errors.append(float(np.abs(removed.astype(np.float32) - exact)[truth].mean()))
+        left.append(float(object_pixels(removed)[truth].mean()))
+        ids = [c["class_id"] for c in sample.metadata["concepts"]]
+        weak = weak_mask(sample.heatmap.astype(np.float32) / 255.0, ids, mask_config)
+        weak_ious.append(iou(weak != 0, truth))
+        final_ious.append(iou((sample.mask != 0) & (sample.mask != 255), truth))
+    return {"kept": kept, "background_error_in_objects": float(np.mean(errors)), "object_colour_left": float(np.mean(left)),
+            "weak_iou": float(np.mean(weak_ious)), "final_iou": float(np.mean(final_ious))}
+
+
+def training_flops(run_dir: Path, scratch: Path) -> dict:
+    """FLOPs of one training image (VAE encode, text encode, denoiser forward and backward),
+    counted by torch's FLOP counter on a batch of one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from maskmint.pipeline.distill import Trainer
+
+    trainer = Trainer(run_dir, scratch, DistillConfig(batch_size=1, steps=1))
+    with FlopCounterMode(display=False) as counter:
+        trainer.loss(0).backward()
+    return {"gflop_per_training_image": round(counter.get_total_flops() / 1e9, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--train", type=int, default=64)
+    parser.add_argument("--test", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--flops", type=Path, metavar="RUN", help="only count one training image's FLOPs on RUN")
+    args = parser.parse_args(argv)
+    out = args.out
+    if args.flops:
+        print(json.dumps(training_flops(args.flops, out / "flops-scratch")))
+        return 0
+    unseen = tuple(UNSEEN_KINDS)
+    splits = {
+        "train": write_split(out / "data" / "train", args.train, 21, unseen),
+        "unseen": write_split(out / "data" / "unseen", args.test, 22, unseen),
+        "shipped": write_split(out / "data" / "shipped", args.test, 22, BACKGROUND_KINDS),
+    }
+    started = time.perf_counter()
+    annotate(splits["train"], args.train, out / "runs" / "train")
+    annotate_seconds = time.perf_counter() - started
+    report = distill(out / "runs" / "train", out / "adapter", DistillConfig(steps=args.steps), progress=True)
+    results = {"train_images": args.train, "test_images": args.test, "distill": report,
+               "annotate_train_seconds": round(annotate_seconds, 1),
+               "train_seconds_per_1000_images_seen": round(report["train_seconds"] * 1000 /
+                                                           (report["steps_done"] * report["options"]["batch_size"]), 1)}
+    for name in ("unseen", "shipped"):
+        for label, adapter in (("without", None), ("with", out / "adapter")):
+            run_dir = out / "runs" / f"{name}-{label}"
+            annotate(splits[name], args.test, run_dir, adapter)
+            results[f"{name}_{label}"] = score(run_dir, splits[name].parent)
+            print(name, label, results[f"{name}_{label}"], flush=True)
+    (out / "distill-toy.json").write_text(json.dumps(results, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
