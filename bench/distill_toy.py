@@ -1,6 +1,6 @@
 """What distillation changes, measured on the toy world where the exact background is known.
 
-    python -m bench.distill_toy --out /tmp/distill-toy --train 64 --test 32 --steps 600
+    python -m bench.distill_toy --out /tmp/distill-toy --train 64 --test 32 --steps 2000 --lr 1e-3
 
 1. Renders a domain of backgrounds the shipped model never learnt (checkerboards and dot
    grids, captioned "striped" and "noise"): a training split and a held-out one (other
@@ -11,7 +11,7 @@
    against the exact scene: the removed background's mean RGB error inside the objects,
    the object colour left there, and the weak and final foreground IoU.
 
-Writes OUT/distill-toy.json; `--json PATH` copies it (bench/distill-toy.json).
+Writes OUT/distill-toy-TAG.json (TAG: lr, rank, steps); `--json PATH` copies it (bench/distill-toy.json).
 """
 
 from __future__ import annotations
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=64)
     parser.add_argument("--test", type=int, default=32)
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--lr", type=float, default=DistillConfig().lr, help="distill's learning rate (default the paper's)")
+    parser.add_argument("--rank", type=int, default=DistillConfig().rank)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--flops", type=Path, metavar="RUN", help="only count one training image's FLOPs on RUN")
     args = parser.parse_args(argv)
@@ -126,18 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     annotate(splits["train"], args.train, out / "runs" / "train")
     annotate_seconds = time.perf_counter() - started
-    report = distill(out / "runs" / "train", out / "adapter", DistillConfig(steps=args.steps), progress=True)
+    tag = f"lr{args.lr:g}-rank{args.rank}-steps{args.steps}"
+    adapter = out / f"adapter-{tag}"
+    report = distill(out / "runs" / "train", adapter, DistillConfig(steps=args.steps, lr=args.lr, rank=args.rank))
     results = {"train_images": args.train, "test_images": args.test, "distill": report,
                "annotate_train_seconds": round(annotate_seconds, 1),
                "train_seconds_per_1000_images_seen": round(report["train_seconds"] * 1000 /
                                                            (report["steps_done"] * report["options"]["batch_size"]), 1)}
     for name in ("unseen", "shipped"):
-        for label, adapter in (("without", None), ("with", out / "adapter")):
-            run_dir = out / "runs" / f"{name}-{label}"
-            annotate(splits[name], args.test, run_dir, adapter)
+        for label, used in (("without", None), ("with", adapter)):
+            run_dir = out / "runs" / (f"{name}-without" if used is None else f"{name}-with-{tag}")
+            annotate(splits[name], args.test, run_dir, used)
             results[f"{name}_{label}"] = score(run_dir, splits[name].parent)
             print(name, label, results[f"{name}_{label}"], flush=True)
-    (out / "distill-toy.json").write_text(json.dumps(results, indent=1))
+    (out / f"distill-toy-{tag}.json").write_text(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
