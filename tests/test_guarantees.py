@@ -266,8 +266,11 @@ def test_ctrl_c_exits_130_and_the_run_resumes(config_dict, write_config, tmp_pat
     config_path, out = write_config(data), tmp_path / "run"
     command = [sys.executable, "launch.py", "run", "--config", str(config_path), "--out", str(out), "--quiet"]
     # shard 1 waits after its first mini-batch, so the signal always lands mid-run
+    # SIGINT back to its default in the child: a test run started in the background by a
+    # shell without job control inherits it ignored, and Python then installs no handler.
     driver = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, **{FAULT_ENV: "1:hold"}))
+                              env=dict(os.environ, **{FAULT_ENV: "1:hold"}),
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / ".fault-held-1").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
