@@ -10,6 +10,7 @@ never stopped. One shard is in memory at a time.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -38,7 +39,6 @@ from maskmint.stages.annotate import fit
 from maskmint.stages.models import load_text_layout, load_text_to_image, pipeline_image_size
 from maskmint.stages.weak_mask import weak_mask
 
-PROVENANCE = ADAPTER_PROVENANCE
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -67,6 +67,7 @@ class RunSamples:
         self.size: tuple[int, int] | None = None  # the model's (height, width), once it is loaded
         self._decoded: OrderedDict[int, list] = OrderedDict()
 
+    @functools.lru_cache(maxsize=2)  # a batch reads one epoch's order, or two at its turn
     def _epoch(self, epoch: int) -> list[tuple[int, int]]:
         order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.shards))
         return [(int(s), int(i)) for s in order
@@ -86,8 +87,6 @@ class RunSamples:
         shard, index = self._epoch(epoch)[within]
         sample = self._shard(shard)[index]
         meta = sample.metadata
-        if sample.heatmap is None or not len(sample.heatmap):
-            raise DistillError(f"sample {sample.key}: no heat maps stored, so no weak mask to learn from")
         image, heat = sample.image, sample.heatmap
         if image.shape[:2] != self.size:  # stored at the source's size: the frame the model saw
             image = fit(image, *self.size, self.fit_how)
@@ -173,7 +172,7 @@ class Trainer:
             "loss_every_10_steps": [round(float(np.mean(self.losses[i:i + 10])), 5) for i in range(0, len(self.losses), 10)],
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        atomic_write_bytes(self.out / PROVENANCE, json.dumps(provenance, indent=1).encode())
+        atomic_write_bytes(self.out / ADAPTER_PROVENANCE, json.dumps(provenance, indent=1).encode())
 
     # -- one step ----------------------------------------------------------------------------
     def batch(self, step: int):
@@ -228,7 +227,7 @@ class Trainer:
                 self.checkpoint()
         bar.close()
         self.save()
-        return json.loads((self.out / PROVENANCE).read_text())
+        return json.loads((self.out / ADAPTER_PROVENANCE).read_text())
 
 
 def distill(root: Path | str, out: Path | str, options: DistillConfig, progress: bool = True, device: str = "auto") -> dict:

@@ -48,15 +48,23 @@ def resolve_model_location(value: str | None, info: ValidationInfo) -> str | Non
     return value  # a hub id
 
 
+RELATIVE_PATHS = "relative paths are resolved against the config file's folder"
+
+
+def require_path(value: str | None, info: ValidationInfo, accept, what: str) -> str | None:
+    """`value` resolved as `find_path` does; refused as not `what` when no candidate passes."""
+    if value is None:
+        return None
+    found = find_path(value, info, accept)
+    if found is None:
+        raise ValueError(f"'{value}' is not {what}")
+    return found
+
+
 def resolve_input_file(value: str | None, info: ValidationInfo) -> str | None:
     """A file the config names: resolved against the config's folder (then the working
     directory); it must exist."""
-    if value is None:
-        return None
-    found = find_path(value, info, Path.is_file)
-    if found is not None:
-        return found
-    raise ValueError(f"'{value}' is not a file (relative paths are resolved against the config file's folder)")
+    return require_path(value, info, Path.is_file, f"a file ({RELATIVE_PATHS})")
 
 
 def format_error(error: ValidationError, prefix: str = "") -> str:

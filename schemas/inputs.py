@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from maskmint.schemas.base import Section, find_path
+from maskmint.schemas.base import RELATIVE_PATHS, Section, require_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -30,12 +30,7 @@ class InputConfig(Section):
     @field_validator("images")
     @classmethod
     def _folder(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
-        found = find_path(value, info, Path.is_dir)
-        if found is None:
-            raise ValueError(f"'{value}' is not a folder (relative paths are resolved against the config file's folder)")
-        return found
+        return require_path(value, info, Path.is_dir, f"a folder ({RELATIVE_PATHS})")
 
 
 class AnnotateConfig(Section):

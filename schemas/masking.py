@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from maskmint.schemas.base import Section, find_path
+from maskmint.schemas.base import RELATIVE_PATHS, Section, require_path
 
 ADAPTER_PROVENANCE = "distill.json"  # what `launch.py distill` writes beside the adapter
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
@@ -62,13 +62,8 @@ class RemovalConfig(Section):
     @field_validator("adapter")
     @classmethod
     def _adapter_folder(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
-        found = find_path(value, info, lambda p: (p / ADAPTER_PROVENANCE).is_file())
-        if found is None:
-            raise ValueError(f"'{value}' is not an adapter folder (no {ADAPTER_PROVENANCE}; `launch.py distill` "
-                             "writes one; relative paths are resolved against the config file's folder)")
-        return found
+        return require_path(value, info, lambda p: (p / ADAPTER_PROVENANCE).is_file(),
+                            f"an adapter folder (no {ADAPTER_PROVENANCE}; `launch.py distill` writes one; {RELATIVE_PATHS})")
 
 
     @model_validator(mode="after")

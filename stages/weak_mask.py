@@ -21,15 +21,22 @@ def normalise(heat: np.ndarray) -> np.ndarray:
 GMM_SAMPLE = 4096  # map values the mixture is fitted on
 
 
+def fitted_mixture(values: np.ndarray, seed: int = 0) -> GaussianMixture | None:
+    """A two-component Gaussian mixture of (a seeded sample of) the map's values; None for a flat map."""
+    flat = values.reshape(-1, 1).astype(np.float64)
+    if np.ptp(flat) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    fitted = flat[rng.choice(len(flat), size=min(GMM_SAMPLE, len(flat)), replace=False)]
+    return GaussianMixture(n_components=2, random_state=seed).fit(fitted)
+
+
 def gmm_threshold(values: np.ndarray, seed: int = 0) -> float:
     """The lowest value a two-component Gaussian mixture of `values` gives to the higher
     component (the concept-distillation FG/BG split); 1.0 when the map has one mode."""
-    flat = values.reshape(-1, 1).astype(np.float64)
-    if np.ptp(flat) == 0:
+    mixture = fitted_mixture(values, seed)
+    if mixture is None:
         return 1.0
-    rng = np.random.default_rng(seed)
-    fitted = flat[rng.choice(len(flat), size=min(GMM_SAMPLE, len(flat)), replace=False)]
-    mixture = GaussianMixture(n_components=2, random_state=seed).fit(fitted)
     high = int(np.argmax(mixture.means_[:, 0]))
     grid = np.linspace(0.0, 1.0, 257).reshape(-1, 1)
     is_high = mixture.predict_proba(grid)[:, high] >= 0.5
@@ -40,12 +47,8 @@ def gmm_threshold(values: np.ndarray, seed: int = 0) -> float:
 def gmm_midpoint(values: np.ndarray, seed: int = 0) -> float:
     """The concept-distillation paper's threshold: the mean of a two-component Gaussian
     mixture's two means (`gmm` instead asks where the mixture's posterior turns)."""
-    flat = values.reshape(-1, 1).astype(np.float64)
-    if np.ptp(flat) == 0:
-        return 1.0
-    rng = np.random.default_rng(seed)
-    fitted = flat[rng.choice(len(flat), size=min(GMM_SAMPLE, len(flat)), replace=False)]
-    return float(GaussianMixture(n_components=2, random_state=seed).fit(fitted).means_.mean())
+    mixture = fitted_mixture(values, seed)
+    return 1.0 if mixture is None else float(mixture.means_.mean())
 
 
 def class_threshold(norm: np.ndarray, config: MaskConfig) -> float:
