@@ -8,12 +8,12 @@ step counts, guidance and removal settings then say how often each runs per trip
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import torch
 
 from maskmint.schemas.config import RunConfig
+from maskmint.schemas.prompts import scan_prompts_file
 from maskmint.stages.families import FAMILIES
 from maskmint.stages.loading import ModelLoadError, config_source, read_model_json
 from maskmint.stages.models import check_supported, image_size, load_text_layout, vae_scale
@@ -136,13 +136,8 @@ def annotated_share(config: RunConfig) -> float:
         return 1.0
     if config.prompts.file is None:
         return 0.0
-    lines = images = 0
-    with open(config.prompts.file, "rb") as handle:
-        for raw in handle:
-            if raw.strip():
-                lines += 1
-                images += b'"image"' in raw and json.loads(raw).get("image") is not None
-    return images / lines
+    scan = scan_prompts_file(config.prompts.file)
+    return scan.image_lines / max(scan.lines, 1)
 
 
 def weight_memory(config: RunConfig) -> dict[str, dict[str, float]]:

@@ -15,6 +15,7 @@ all pixels, as VOC does: per class TP / (TP + FP + FN), background included in t
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import get_args
@@ -28,6 +29,7 @@ from maskmint.pipeline.dataset import read_encoded
 from maskmint.pipeline.export import rle_decode
 from maskmint.pipeline.rundir import RunDir
 from maskmint.schemas.config import AnnotateConfig, EvaluateBand
+from maskmint.schemas.inputs import read_source_bytes
 from maskmint.schemas.records import BACKGROUND_ID, IGNORE_INDEX, MASK_FIELD, METADATA_FIELD
 from maskmint.stages.annotate import to_source_grid
 
@@ -144,7 +146,7 @@ def open_truth(path: Path) -> PngTruth | CocoTruth:
 def upright_size(path: str) -> tuple[int, int]:
     """(rows, cols) of an image as annotate saw it, EXIF rotation applied (for runs whose
     samples do not record it)."""
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(read_source_bytes(path))) as image:
         return ImageOps.exif_transpose(image).size[::-1]
 
 

@@ -17,10 +17,10 @@ from pydantic import (
 
 SCHEMA_VERSION = 1
 from maskmint.schemas.base import ConfigError, Section, format_error, resolve_model_location
-from maskmint.schemas.inputs import AnnotateConfig, InputConfig, folder_signature, list_images
+from maskmint.schemas.inputs import AnnotateConfig, InputConfig, folder_signature, is_shards, list_images
 from maskmint.schemas.masking import ADAPTER_WEIGHTS, FilterConfig, MaskConfig, RefineConfig, RemovalConfig
 from maskmint.schemas.running import EXECUTION_ONLY, TEMPLATE_SAMPLES, ExecutionConfig, OutputConfig
-from maskmint.schemas.prompts import MAX_CONCEPTS, PromptsConfig, concept_slots, count_lines, images_signature
+from maskmint.schemas.prompts import MAX_CONCEPTS, PromptsConfig, concept_slots, scan_prompts_file
 
 # The values a user picks from, each listed here once. The registries that implement them
 # (stages/families, the families' capture recipes, pipeline/executors, pipeline/export) are
@@ -190,6 +190,9 @@ class RunConfig(Section):
             if self.prompts.file is not None:
                 raise ValueError("input.images: give the images by input.images or by prompts.file lines, not both")
             count = len(self.prompts.concepts)
+            if self.input.classes == "label" and not is_shards(self.input.images):
+                raise ValueError("input.classes: label reads a shard sample's .cls field; a folder's images take "
+                                 "folder or all")
             if self.input.classes == "all" and count > MAX_CONCEPTS:
                 raise ValueError(f"input.classes: all asks every class of every image, at most {MAX_CONCEPTS} "
                                  f"({count} configured); use folder")
@@ -216,7 +219,7 @@ class RunConfig(Section):
             if self.input.images is not None:
                 samples = len(list_images(self.input.images))
             elif self.prompts.file is not None:
-                samples = count_lines(self.prompts.file)
+                samples = scan_prompts_file(self.prompts.file).lines
             else:
                 samples = TEMPLATE_SAMPLES
             if samples == 0:
@@ -264,10 +267,10 @@ class RunConfig(Section):
                 (Path(self.removal.adapter) / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
         content["model_fingerprint"] = model_fingerprint
         if self.prompts.file is not None:
-            content["prompts_file_sha256"] = hashlib.sha256(Path(self.prompts.file).read_bytes()).hexdigest()
-            images = images_signature(self.prompts.file)
-            if images:
-                content["images"] = images
+            scan = scan_prompts_file(self.prompts.file)
+            content["prompts_file_sha256"] = scan.sha256
+            if scan.images:
+                content["images"] = scan.images
         if self.input.images is not None:
             content["images"] = folder_signature(self.input.images)
         if "images" not in content:  # these shape only runs that annotate: the others keep their hash

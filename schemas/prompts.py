@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from maskmint.schemas.base import Section, format_error, resolve_input_file
@@ -243,13 +246,42 @@ def find_word(text: str, words: list[str]) -> tuple[int, int] | None:
     return None
 
 
-def images_signature(path: str) -> str:
-    """What the images a prompts file names are: each one's path as written, size and
-    modification time (a stat per image, no read), so a replaced or edited image makes it a
-    different config. "" when no line names an image."""
-    digest, folder, any_image = hashlib.sha256(), os.path.dirname(path), False
+@dataclass(frozen=True)
+class PromptsFileScan:
+    """What one pass over a prompts file tells: where its non-blank lines start (and their
+    1-based numbers), its sha256, how many lines name an image, and those images' signature:
+    each one's path as written, size and modification time (a stat per image, no read), so a
+    replaced or edited image makes it a different config ("" when no line names one)."""
+
+    offsets: np.ndarray
+    numbers: np.ndarray
+    sha256: str
+    image_lines: int
+    images: str
+
+    @property
+    def lines(self) -> int:
+        return len(self.offsets)
+
+
+def scan_prompts_file(path: str) -> PromptsFileScan:
+    """The file read once for the sample count, the config hash, the line index and the
+    plan; read again only when it changed."""
+    stat = os.stat(path)
+    return _scan(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _scan(path: str, _size: int, _mtime_ns: int) -> PromptsFileScan:
+    content, images, folder = hashlib.sha256(), hashlib.sha256(), os.path.dirname(path)
+    offsets, numbers, position, image_lines = [], [], 0, 0
     with open(path, "rb") as handle:
-        for raw in handle:
+        for number, raw in enumerate(handle, start=1):
+            content.update(raw)
+            if raw.strip():
+                offsets.append(position)
+                numbers.append(number)
+            position += len(raw)
             if b'"image"' not in raw:
                 continue
             try:
@@ -258,16 +290,11 @@ def images_signature(path: str) -> str:
                 continue  # planning reports the line
             if not isinstance(image, str):
                 continue
+            image_lines += 1
             try:
                 stat = os.stat(os.path.join(folder, image))
-                digest.update(f"{image}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                images.update(f"{image}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             except OSError:
-                digest.update(f"{image}\0missing\n".encode())
-            any_image = True
-    return digest.hexdigest()[:16] if any_image else ""
-
-
-def count_lines(path: str) -> int:
-    """The non-blank lines of a text file: the samples a prompts file makes by default."""
-    with open(path, "rb") as handle:
-        return sum(1 for raw in handle if raw.strip())
+                images.update(f"{image}\0missing\n".encode())
+    return PromptsFileScan(np.array(offsets, dtype=np.int64), np.array(numbers, dtype=np.int64),
+                           content.hexdigest(), image_lines, images.hexdigest()[:16] if image_lines else "")

@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from PIL.ExifTags import Base
 
 from maskmint.schemas.config import AnnotateConfig, CaptureConfig
+from maskmint.schemas.inputs import read_source_bytes
 from maskmint.schemas.records import IGNORE_INDEX
 from maskmint.stages.loading import vae_precision
 from maskmint.stages.tokens import token_slots
@@ -107,8 +108,7 @@ def at_source_size(path: str, mask: np.ndarray, background: np.ndarray, heat: np
     """(image, mask, background, heat) of an annotated sample at its source's own size: the
     source itself, the mask by nearest neighbour (255 where the crop cut away), the removed
     background and the maps resized (the source's own pixels where the model saw nothing)."""
-    with open(path, "rb") as handle:
-        image = upright_rgb(handle.read())
+    image = upright_rgb(read_source_bytes(path))
     rows, cols = image.shape[:2]
     seen = to_source_grid(np.ones(mask.shape, np.uint8), rows, cols, how, 0, cv2.INTER_NEAREST_EXACT).astype(bool)
     mask = to_source_grid(mask, rows, cols, how, IGNORE_INDEX, cv2.INTER_NEAREST_EXACT)
@@ -121,8 +121,7 @@ def at_source_size(path: str, mask: np.ndarray, background: np.ndarray, heat: np
 def read_source(path: str, height: int, width: int, config: AnnotateConfig) -> Source:
     """The file read once, for the digest and the decode alike."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = read_source_bytes(path)
     except OSError:
         return Source(None, "unreadable_image")
     image, reason, size = decode_image(data, height, width, config)

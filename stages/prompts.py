@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 
-from maskmint.schemas.inputs import InputConfig
+from maskmint.schemas.inputs import SHARD_MEMBER, InputConfig
 from maskmint.schemas.prompts import (
     CONCEPT_SLOTS,
     ConceptConfig,
@@ -238,6 +238,8 @@ class PromptBuilder:
     def _image(self, where: str, line: PromptLine) -> str | None:
         if line.image is None:
             return None
+        if SHARD_MEMBER in line.image:  # a shard member, named in full
+            return line.image
         path = os.path.normpath(os.path.join(self.lines.base, line.image))
         if isinstance(self.lines, JsonLines) and not os.path.isfile(path):  # a folder's images were found there
             raise PromptError(f"{where}: image '{line.image}' is not a file (paths are relative to the prompts file)")

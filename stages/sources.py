@@ -7,11 +7,11 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
+from braceexpand import braceexpand
 from pydantic import ValidationError
 
-from maskmint.schemas.inputs import InputConfig, list_images
-from maskmint.schemas.prompts import ConceptConfig, LineConcept, PromptLine
+from maskmint.schemas.inputs import LABEL_EXTENSION, SHARD_MEMBER, InputConfig, is_shards, list_images, shard_samples
+from maskmint.schemas.prompts import ConceptConfig, LineConcept, PromptLine, scan_prompts_file
 from maskmint.stages.tokens import PromptError
 
 
@@ -21,17 +21,10 @@ class LineIndex:
 
     def __init__(self, path: str):
         self.path = path
-        offsets, numbers, position = [], [], 0
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if raw.strip():
-                    offsets.append(position)
-                    numbers.append(number)
-                position += len(raw)
-        if not offsets:
+        scan = scan_prompts_file(path)
+        if not scan.lines:
             raise PromptError(f"prompts.file: '{path}' holds no prompt")
-        self.offsets = np.array(offsets, dtype=np.int64)
-        self.numbers = np.array(numbers, dtype=np.int64)
+        self.offsets, self.numbers = scan.offsets, scan.numbers
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -83,28 +76,36 @@ class ImageFolder:
     (a class name or synonym) or every configured class; the templates caption it."""
 
     def __init__(self, config: InputConfig, concepts: list[ConceptConfig]):
-        self.base = Path(config.images)
+        self.shards = is_shards(config.images)
+        self.base = Path("" if self.shards else config.images)  # shard members are named in full
         self.files = list_images(config.images)
         if not self.files:
             raise PromptError(f"input.images: '{config.images}' holds no jpg, png or webp image")
+        self.classes = config.classes
         self.every = [c.name for c in concepts] if config.classes == "all" else None
         self.by_word = {word.lower(): c.name for c in concepts for word in c.words}
+        self.by_word |= {str(c.class_id): c.name for c in concepts}  # a .cls label may be the class_id
+        self.labels = ({f"{shard}{SHARD_MEMBER}{s.image}": s.label for shard in braceexpand(config.images)
+                        for s in shard_samples(shard)} if config.classes == "label" else {})
 
     def first_of_each_folder(self) -> list[int]:
-        """One image index per distinct parent folder: what classes the folder source has is
-        known from these (a folder of 100,000 images has a handful)."""
-        seen: dict[str, int] = {}
+        """One image index per distinct class source (parent folder, or .cls label): what classes
+        the source has is known from these (a folder of 100,000 images has a handful)."""
+        seen: dict[str | None, int] = {}
         for i, name in enumerate(self.files):
-            seen.setdefault(name.rpartition("/")[0], i)
+            seen.setdefault(self._class_source(name), i)
         return sorted(seen.values())
+
+    def _class_source(self, name: str) -> str | None:
+        return self.labels.get(name) if self.classes == "label" else name.rpartition("/")[0]
 
     def class_counts(self, samples: int) -> dict[str, int]:
         """class name -> samples of a run of `samples` showing it."""
         cycles, rest = divmod(samples, len(self.files))
         counts: dict[str, int] = {}
-        by_folder: dict[str, list[int]] = {}
+        by_folder: dict[str | None, list[int]] = {}
         for i, name in enumerate(self.files[: min(samples, len(self.files))]):
-            by_folder.setdefault(name.rpartition("/")[0], []).append(i)
+            by_folder.setdefault(self._class_source(name), []).append(i)
         for indices in by_folder.values():
             _, line = self.line(indices[0])
             times = sum(cycles + (i < rest) for i in indices)
@@ -120,8 +121,15 @@ class ImageFolder:
         where = f"input.images '{name}'"
         if self.every is not None:
             classes = self.every
+        elif self.classes == "label":
+            label = self.labels.get(name)
+            if label is None:
+                raise PromptError(f"{where}: has no .{LABEL_EXTENSION} field to name its class (or set input.classes: all)")
+            if label.lower() not in self.by_word:
+                raise PromptError(f"{where}: its label '{label}' is not one of the run's classes (names, synonyms or ids)")
+            classes = [self.by_word[label.lower()]]
         else:
-            folder = name.rpartition("/")[0].rpartition("/")[2]
+            folder = name.partition(SHARD_MEMBER)[2 if self.shards else 0].rpartition("/")[0].rpartition("/")[2]
             if not folder:
                 raise PromptError(f"{where}: lies in the folder itself; with input.classes: folder each image lies "
                                   "in a folder named by its class (or set input.classes: all)")

@@ -73,6 +73,34 @@ def test_jsonl_prompts_plan_spans_and_classes(jsonl_config, write_config, capsys
     assert plan.sample(4).prompt == two.prompt and plan.sample(4).seed != two.seed  # same line, new seed
 
 
+def test_plan_reads_the_prompts_file_through_once_and_sees_an_edit(jsonl_config, write_config, capsys, monkeypatch):
+    import builtins
+
+    from maskmint.schemas import prompts
+
+    path = jsonl_config["prompts"]["file"]
+    jsonl_config["output"].pop("samples", None)  # one sample per line
+    passes = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        handle = real_open(file, *args, **kwargs)
+        if str(file).endswith("p.jsonl"):
+            passes.append(handle)
+        return handle
+
+    monkeypatch.setattr(prompts, "open", counting_open, raising=False)
+    prompts._scan.cache_clear()
+    first = plan_json(capsys, write_config(jsonl_config))
+    first_hash = load_config(write_config(jsonl_config)).config_hash()
+    assert first["samples"] == 3 and len(passes) == 1  # count, hash, line index and cost from one pass
+    with real_open(path, "a") as handle:
+        handle.write(json.dumps({"prompt": "a dog on a sofa", "concepts": ["dog"]}) + "\n")
+    second = plan_json(capsys, write_config(jsonl_config))
+    assert second["samples"] == 4 and len(passes) == 2
+    assert load_config(write_config(jsonl_config)).config_hash() != first_hash
+
+
 @pytest.mark.parametrize(
     "line, words",
     [

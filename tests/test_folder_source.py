@@ -97,7 +97,7 @@ def test_every_configured_class_of_every_image(tiny_model_dir, tmp_path, capsys)
               "lies in a folder named by its class (or set input.classes: all)"),
     ("unknown", "error: input.images 'pets/cat/x.png': its folder 'cat' is not one of the run's classes (names or synonyms)"),
     ("empty", "error: input.images: '{images}' holds no jpg, png or webp image"),
-    ("missing", "error: input.images: 'nowhere' is not a folder (relative paths are resolved against the config "
+    ("missing", "error: input.images: 'nowhere' is not a folder or .tar shards (relative paths are resolved against the config "
                 "file's folder)"),
     ("both", "error: input.images: give the images by input.images or by prompts.file lines, not both"),
     ("too_many", "error: input.classes: all asks every class of every image, at most 3 (4 configured); use folder"),
