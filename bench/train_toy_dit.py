@@ -12,6 +12,15 @@ the transformer predicting e - x0 at s drawn logit-normally, as SD3 and Flux are
 Captions name every object of the multi-object toy world; a share of object-free scenes
 teaches the background prompts that removal asks for. Checkpoints (OUT.ckpt.pt) let an
 interrupted run continue; OUT/training.json records how the weights were made.
+
+--word-attention W adds W x a cross-entropy asking each image token's joint attention over
+the text (every double block, head mean, renormalised over the text keys) to fall on its own
+object's colour and shape words, or on the background's words, with each token's target
+split by the exact mask's area shares and weighted by how clean the input is (1 - s). The
+raw diffusion loss alone left this small model's attention unrelated to where objects are;
+this is the toy's stand-in for what scale teaches real MM-DiTs. --scene-pool N encodes N
+scenes once and draws from them: the frozen VAE's encoder otherwise costs more per step
+than the transformer.
 """
 
 from __future__ import annotations
@@ -23,9 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
-from bench.toyworld import WORDS
-from bench.train_toy_model import MAX_TOKENS, build_text_encoder, caption_ids, scenes_batch, train_denoiser
+from bench.toyworld import BACKGROUND_KINDS, BACKGROUND_TONES, SHAPES, WORDS, render_scene
+from bench.train_toy_model import MAX_TOKENS, build_text_encoder, caption_ids, train_denoiser
 from bench.training import Checkpoint, log, open_checkpoint, parse_with_run_arguments, read_provenance, write_provenance
 from maskmint.pipeline.testing.tiny_models import _t5_encoder, build_t5_tokenizer, build_tokenizer
 
@@ -90,13 +101,93 @@ def encode(text_encoder, text_encoder_2, tokenizer, tokenizer_2, captions: list[
     return states, pooled
 
 
+PATCH_PIXELS = 8  # one packed token: 2 x 2 latents of the 4x VAE
+BACKGROUND_WORDS = {"background", *BACKGROUND_KINDS, *BACKGROUND_TONES}
+
+
+def word_targets(scene, token_ids: list[int], tokenizer) -> torch.Tensor:
+    """[tokens, text] soft targets: each image token's share of every object (and of the
+    background), spread evenly over that object's own words (colour and shape) in the caption."""
+    words = [t.removeprefix("\u2581") for t in tokenizer.convert_ids_to_tokens(token_ids)]
+    grid = scene.mask.shape[0] // PATCH_PIXELS
+    target = torch.zeros(grid * grid, len(words))
+    owners = [(0, BACKGROUND_WORDS)] + [(SHAPES[shape], {colour, shape}) for colour, shape in scene.objects]
+    for class_id, names in owners:
+        share = (scene.mask == class_id).reshape(grid, PATCH_PIXELS, grid, PATCH_PIXELS).mean(axis=(1, 3))
+        slots = [i for i, w in enumerate(words) if w in names]
+        if slots:
+            target[:, slots] += torch.from_numpy(share.reshape(-1)).float()[:, None] / len(slots)
+    return target / target.sum(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+class WordAttentionProbe(FluxAttnProcessor):
+    """Flux's own joint attention that also keeps the image-query x text-key scores (with their
+    gradient), so the training loss can ask each image token to attend to its object's words."""
+
+    def __init__(self, kept: list):
+        super().__init__()
+        self.kept = kept
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+            query, key, _, _, text_key, _ = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+            query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+            text_key = attn.norm_added_k(text_key.unflatten(-1, (-1, attn.head_dim)))
+            text = encoder_hidden_states.shape[1]
+            cos, sin = image_rotary_emb
+            query = apply_rotary_emb(query, (cos[text:], sin[text:]), sequence_dim=1)
+            text_key = apply_rotary_emb(text_key, (cos[:text], sin[:text]), sequence_dim=1)
+            scores = torch.einsum("bihd,bthd->bhit", query, text_key) * attn.head_dim ** -0.5
+            self.kept.append(scores.softmax(dim=-1).mean(dim=1))  # [B, image tokens, text], head mean
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+def draw_scenes(rng: np.random.Generator, size: int, empty_share: float) -> list:
+    """Toy-world scenes; a share of them without any object."""
+    return [render_scene(rng, n_objects=0 if rng.random() < empty_share else None) for _ in range(size)]
+
+
+def encode_scenes(vae, scenes, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The VAE's latents of the scenes (a sample of each one's posterior, or its mean without a generator)."""
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+    return posterior.sample(generator) if generator is not None else torch.cat([posterior.mean, posterior.std], dim=1)
+
+
+class ScenePool:
+    """A fixed set of scenes encoded once (posterior mean and spread), drawn from with a fresh
+    posterior sample each time: the frozen VAE's encoder otherwise costs more than the
+    transformer's whole step. Built from its own seed, so a resumed run draws the same pool."""
+
+    def __init__(self, vae, size: int, empty_share: float, seed: int, handle):
+        self.scenes = draw_scenes(np.random.default_rng([seed, 1]), size, empty_share)
+        self.moments = torch.cat([encode_scenes(vae, self.scenes[i:i + 256]) for i in range(0, size, 256)])
+        log(f"scene pool: {size} scenes encoded", handle)
+
+    def draw(self, rng: np.random.Generator, batch: int, generator: torch.Generator):
+        chosen = rng.integers(len(self.scenes), size=batch)
+        mean, std = self.moments[chosen].chunk(2, dim=1)
+        return [self.scenes[i] for i in chosen], mean + std * torch.randn(mean.shape, generator=generator)
+
+
 def train(models: dict, tokenizers, args, rng, handle, checkpoint: Checkpoint) -> None:
     text_encoder, text_encoder_2, transformer, vae = (models[k] for k in ("text_encoder", "text_encoder_2", "transformer", "vae"))
+    kept: list[torch.Tensor] = []
+    word_losses: list[float] = []
+    if args.word_attention:
+        transformer.set_attn_processor(WordAttentionProbe(kept))
+
+    pool = ScenePool(vae, args.scene_pool, args.empty_share, args.seed, handle) if args.scene_pool else None
 
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
-        images, captions = scenes_batch(rng, args.batch, args.empty_share)
-        with torch.no_grad():
-            latents = vae.encode(images).latent_dist.sample(generator) * vae.config.scaling_factor
+        if pool is not None:
+            scenes, latents = pool.draw(rng, args.batch, generator)
+        else:
+            scenes = draw_scenes(rng, args.batch, args.empty_share)
+            latents = encode_scenes(vae, scenes, generator)
+        captions = [s.caption for s in scenes]
+        latents = latents * vae.config.scaling_factor
         tokens, image_ids = pack(latents)
         noise = torch.randn(tokens.shape, generator=generator)
         sigmas = torch.sigmoid(torch.randn(args.batch, generator=generator)).view(-1, 1, 1)
@@ -105,10 +196,24 @@ def train(models: dict, tokenizers, args, rng, handle, checkpoint: Checkpoint) -
         prediction = transformer(hidden_states=noisy, timestep=sigmas.flatten(), pooled_projections=pooled,
                                  encoder_hidden_states=states, txt_ids=torch.zeros(states.shape[1], 3),
                                  img_ids=image_ids).sample
-        return F.mse_loss(prediction, noise - tokens)
+        loss = F.mse_loss(prediction, noise - tokens)
+        if kept:
+            ids = caption_ids(tokenizers[1], captions).tolist()
+            targets = torch.stack([word_targets(s, row, tokenizers[1]) for s, row in zip(scenes, ids)])
+            # where the image is mostly noise its layout is not yet decided: ask less there
+            clean = (1 - sigmas.flatten())[:, None]
+            words = sum(-(targets * probs.clamp_min(1e-6).log()).sum(-1).mul(clean).mean() for probs in kept) / len(kept)
+            kept.clear()
+            loss = loss + args.word_attention * words
+            word_losses.append(words.item())
+            if len(word_losses) == 100:
+                log(f"word-attention loss {np.mean(word_losses):.4f} (last 100 batches)", handle)
+                word_losses.clear()
+        return loss
 
     train_denoiser("transformer", [text_encoder, text_encoder_2, transformer], args.steps, args.lr, rng, handle,
                    checkpoint, batch_loss)
+    transformer.set_attn_processor(FluxAttnProcessor())
 
 
 def save_pipeline(out: Path, models: dict, tokenizer, tokenizer_2) -> None:
@@ -140,6 +245,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pooled", choices=("caption", "constant"), default="constant",
                         help="constant: the CLIP pooled vector is the same for every caption, so only the "
                              "joint attention can carry the words")
+    parser.add_argument("--scene-pool", type=int, default=0,
+                        help="draw from this many scenes encoded once (0: fresh scenes every step)")
+    parser.add_argument("--word-attention", type=float, default=0.0,
+                        help="weight of a loss asking each image token's attention over the text (double "
+                             "blocks, head mean) to fall on its own object's words, from the exact masks")
     parser.add_argument("--resume", type=Path, default=None, help="continue from a saved toy Flux folder")
     args = parse_with_run_arguments(parser, argv)
     rng = np.random.default_rng(args.seed)

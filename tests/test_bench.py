@@ -13,6 +13,7 @@ from bench import quality, real_shapes, throughput, train_toy_dit, train_toy_mod
 from bench.toyworld import (
     COLORS,
     SHAPES,
+    WORDS,
     closest_shape,
     colour_pixels,
     object_pixels,
@@ -201,9 +202,11 @@ def test_init_keeps_the_image_networks_and_gives_every_toy_word_one_token(tmp_pa
     assert record["initialised_from"]["trained_by"] == "bench/train_toy_model.py" and record["resumed_from"] is None
 
 
-def train_cut_and_rerun(trainer, argv: list[str], dying_batch: int, monkeypatch) -> None:
-    """Run `trainer` until it draws its `dying_batch`-th batch, then run it again to the end."""
-    real_batch, calls = trainer.scenes_batch, {"n": 0}
+def train_cut_and_rerun(trainer, argv: list[str], dying_batch: int, monkeypatch, owner=None, name="scenes_batch") -> None:
+    """Run `trainer` until it draws its `dying_batch`-th batch (through `owner.name`, the
+    trainer's module by default), then run it again to the end."""
+    owner = owner or trainer
+    real_batch, calls = getattr(owner, name), {"n": 0}
 
     def failing_batch(*args, **kwargs):
         calls["n"] += 1
@@ -213,11 +216,11 @@ def train_cut_and_rerun(trainer, argv: list[str], dying_batch: int, monkeypatch)
 
     out = Path(argv[argv.index("--out") + 1])
     checkpoint = out.with_name(out.name + ".ckpt.pt")
-    monkeypatch.setattr(trainer, "scenes_batch", failing_batch)
+    monkeypatch.setattr(owner, name, failing_batch)
     with pytest.raises(KeyboardInterrupt):
         trainer.main(argv)
     assert checkpoint.exists() and not out.exists()
-    monkeypatch.setattr(trainer, "scenes_batch", real_batch)
+    monkeypatch.setattr(owner, name, real_batch)
     trainer.main(argv)
     assert not checkpoint.exists()
     assert "continuing from" in out.with_name(out.name + ".train.log").read_text()
@@ -278,7 +281,50 @@ def test_toy_dit_training_interrupted_and_rerun_ends_with_the_uninterrupted_weig
     arguments = ["--vae", str(REPO / "assets" / "tiny-sd"), *DIT_ARGUMENTS]
     train_toy_dit.main(["--out", str(tmp_path / "whole"), *arguments])
     out = tmp_path / "cut"
-    train_cut_and_rerun(train_toy_dit, ["--out", str(out), *arguments], 3, monkeypatch)  # die in the third step
+    train_cut_and_rerun(train_toy_dit, ["--out", str(out), *arguments], 3, monkeypatch, name="draw_scenes")  # die in the third step
+    whole, cut = train_toy_dit.load_models(tmp_path / "whole"), train_toy_dit.load_models(out)
+    for a, b in zip(whole[2:], cut[2:]):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.allclose(x.float(), y.float(), atol=1e-3), name
+
+
+def test_word_targets_put_each_image_token_on_its_own_objects_words():
+    from bench.train_toy_model import MAX_TOKENS, caption_ids
+    from maskmint.pipeline.testing.tiny_models import build_t5_tokenizer
+
+    tokenizer = build_t5_tokenizer(WORDS, MAX_TOKENS)
+    checked = {"object": 0, "background": 0}
+    for seed in range(6):
+        scene = render_scene(np.random.default_rng(seed), n_objects=2)
+        words = scene.caption.split()  # one T5 token per toy word, in order
+        targets = train_toy_dit.word_targets(scene, caption_ids(tokenizer, [scene.caption])[0].tolist(), tokenizer)
+        assert targets.shape == (64, MAX_TOKENS) and np.allclose(targets.sum(1).numpy(), 1.0)
+        cells = scene.mask.reshape(8, 8, 8, 8).transpose(0, 2, 1, 3).reshape(64, 64)  # token -> its 8 x 8 pixels
+        for token, pixels in enumerate(cells):
+            if len(set(pixels.tolist())) != 1:
+                continue  # a token on an edge shares its target
+            if pixels[0] == 0:
+                expected = {words.index(w): 1 / 3 for w in (words[-3], words[-2], "background")}
+                checked["background"] += 1
+            else:
+                colour, shape = next(o for o in scene.objects if SHAPES[o[1]] == pixels[0])
+                expected = {words.index(colour): 0.5, words.index(shape): 0.5}
+                checked["object"] += 1
+            row = targets[token].numpy()
+            assert all(abs(row[i] - share) < 1e-6 for i, share in expected.items()), (seed, token, row)
+            assert abs(row.sum() - sum(expected.values())) < 1e-6
+    assert min(checked.values()) >= 20, checked
+
+
+def test_toy_dit_with_word_attention_and_a_scene_pool_resumes_exactly(tmp_path, monkeypatch):
+    import torch
+
+    arguments = ["--vae", str(REPO / "assets" / "tiny-sd"), *DIT_ARGUMENTS, "--word-attention", "0.2",
+                 "--scene-pool", "8", "--lr", "0.5"]  # steps large enough to show in the fp16 weights
+    train_toy_dit.main(["--out", str(tmp_path / "whole"), *arguments])
+    out = tmp_path / "cut"
+    train_cut_and_rerun(train_toy_dit, ["--out", str(out), *arguments], 3, monkeypatch,
+                        owner=train_toy_dit.ScenePool, name="draw")
     whole, cut = train_toy_dit.load_models(tmp_path / "whole"), train_toy_dit.load_models(out)
     for a, b in zip(whole[2:], cut[2:]):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
