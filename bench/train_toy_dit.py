@@ -13,10 +13,11 @@ Captions name every object of the multi-object toy world; a share of object-free
 teaches the background prompts that removal asks for. Checkpoints (OUT.ckpt.pt) let an
 interrupted run continue; OUT/training.json records how the weights were made.
 
---word-attention W adds W x a cross-entropy asking each image token's joint attention over
-the text (every double block, head mean, renormalised over the text keys) to fall on its own
-object's colour and shape words, or on the background's words, with each token's target
-split by the exact mask's area shares and weighted by how clean the input is (1 - s). The
+--word-attention W adds W x two cross-entropies on the joint attention of every double block
+(head means, each softmax renormalised over one side's keys): each image token's attention
+over the text should fall on its own object's colour and shape words (or the background's
+words), split by the exact mask's area shares; and each such word's attention over the image
+should fall on its object's tokens, by area. Both are weighted by how clean the input is (1 - s). The
 raw diffusion loss alone left this small model's attention unrelated to where objects are;
 this is the toy's stand-in for what scale teaches real MM-DiTs. --scene-pool N encodes N
 scenes once and draws from them: the frozen VAE's encoder otherwise costs more per step
@@ -105,19 +106,32 @@ PATCH_PIXELS = 8  # one packed token: 2 x 2 latents of the 4x VAE
 BACKGROUND_WORDS = {"background", *BACKGROUND_KINDS, *BACKGROUND_TONES}
 
 
-def word_targets(scene, token_ids: list[int], tokenizer) -> torch.Tensor:
-    """[tokens, text] soft targets: each image token's share of every object (and of the
+def word_shares(scene, token_ids: list[int], tokenizer) -> torch.Tensor:
+    """[image tokens, text] each image token's area share of every object (and of the
     background), spread evenly over that object's own words (colour and shape) in the caption."""
     words = [t.removeprefix("\u2581") for t in tokenizer.convert_ids_to_tokens(token_ids)]
     grid = scene.mask.shape[0] // PATCH_PIXELS
-    target = torch.zeros(grid * grid, len(words))
+    shares = torch.zeros(grid * grid, len(words))
     owners = [(0, BACKGROUND_WORDS)] + [(SHAPES[shape], {colour, shape}) for colour, shape in scene.objects]
     for class_id, names in owners:
         share = (scene.mask == class_id).reshape(grid, PATCH_PIXELS, grid, PATCH_PIXELS).mean(axis=(1, 3))
         slots = [i for i, w in enumerate(words) if w in names]
         if slots:
-            target[:, slots] += torch.from_numpy(share.reshape(-1)).float()[:, None] / len(slots)
-    return target / target.sum(dim=1, keepdim=True).clamp_min(1e-6)
+            shares[:, slots] += torch.from_numpy(share.reshape(-1)).float()[:, None] / len(slots)
+    return shares
+
+
+def word_targets(scene, token_ids: list[int], tokenizer) -> torch.Tensor:
+    """[image tokens, text]: where each image token's attention over the text should fall."""
+    shares = word_shares(scene, token_ids, tokenizer)
+    return shares / shares.sum(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def place_targets(scene, token_ids: list[int], tokenizer) -> torch.Tensor:
+    """[text, image tokens]: where each object word's attention over the image should fall (its
+    object's tokens, by area); rows of words that name nothing in view are zero."""
+    shares = word_shares(scene, token_ids, tokenizer).T
+    return shares / shares.sum(dim=1, keepdim=True).clamp_min(1e-6)
 
 
 class WordAttentionProbe(FluxAttnProcessor):
@@ -130,15 +144,21 @@ class WordAttentionProbe(FluxAttnProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
-            query, key, _, _, text_key, _ = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+            query, key, _, text_query, text_key, _ = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
             query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+            key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+            text_query = attn.norm_added_q(text_query.unflatten(-1, (-1, attn.head_dim)))
             text_key = attn.norm_added_k(text_key.unflatten(-1, (-1, attn.head_dim)))
             text = encoder_hidden_states.shape[1]
             cos, sin = image_rotary_emb
-            query = apply_rotary_emb(query, (cos[text:], sin[text:]), sequence_dim=1)
-            text_key = apply_rotary_emb(text_key, (cos[:text], sin[:text]), sequence_dim=1)
-            scores = torch.einsum("bihd,bthd->bhit", query, text_key) * attn.head_dim ** -0.5
-            self.kept.append(scores.softmax(dim=-1).mean(dim=1))  # [B, image tokens, text], head mean
+            image_rope, text_rope = (cos[text:], sin[text:]), (cos[:text], sin[:text])
+            query, key = (apply_rotary_emb(x, image_rope, sequence_dim=1) for x in (query, key))
+            text_query, text_key = (apply_rotary_emb(x, text_rope, sequence_dim=1) for x in (text_query, text_key))
+            scale = attn.head_dim ** -0.5
+            image_to_text = torch.einsum("bihd,bthd->bhit", query, text_key) * scale
+            text_to_image = torch.einsum("bthd,bihd->bhti", text_query, key) * scale
+            # head means of each softmax over one side's keys: [B, image, text] and [B, text, image]
+            self.kept.append((image_to_text.softmax(dim=-1).mean(dim=1), text_to_image.softmax(dim=-1).mean(dim=1)))
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
 
@@ -199,10 +219,17 @@ def train(models: dict, tokenizers, args, rng, handle, checkpoint: Checkpoint) -
         loss = F.mse_loss(prediction, noise - tokens)
         if kept:
             ids = caption_ids(tokenizers[1], captions).tolist()
-            targets = torch.stack([word_targets(s, row, tokenizers[1]) for s, row in zip(scenes, ids)])
+            to_words = torch.stack([word_targets(s, row, tokenizers[1]) for s, row in zip(scenes, ids)])
+            to_places = torch.stack([place_targets(s, row, tokenizers[1]) for s, row in zip(scenes, ids)])
+            named = to_places.sum(-1)  # 1 for a word that names something in view, else 0
             # where the image is mostly noise its layout is not yet decided: ask less there
             clean = (1 - sigmas.flatten())[:, None]
-            words = sum(-(targets * probs.clamp_min(1e-6).log()).sum(-1).mul(clean).mean() for probs in kept) / len(kept)
+
+            def cross_entropy(targets, probs, weight):
+                return -(targets * probs.clamp_min(1e-6).log()).sum(-1).mul(weight).sum() / weight.sum().clamp_min(1e-6)
+
+            words = sum(cross_entropy(to_words, words_of, clean.expand(-1, to_words.shape[1]))
+                        + cross_entropy(to_places, places_of, clean * named) for words_of, places_of in kept) / len(kept)
             kept.clear()
             loss = loss + args.word_attention * words
             word_losses.append(words.item())

@@ -313,6 +313,12 @@ def test_word_targets_put_each_image_token_on_its_own_objects_words():
             row = targets[token].numpy()
             assert all(abs(row[i] - share) < 1e-6 for i, share in expected.items()), (seed, token, row)
             assert abs(row.sum() - sum(expected.values())) < 1e-6
+        places = train_toy_dit.place_targets(scene, caption_ids(tokenizer, [scene.caption])[0].tolist(), tokenizer)
+        for colour, shape in scene.objects:  # each object word looks at its object's tokens, by area
+            area = (cells == SHAPES[shape]).mean(axis=1)
+            for word in (colour, shape):
+                assert np.allclose(places[words.index(word)].numpy(), area / area.sum(), atol=1e-6)
+        assert places[words.index("and")].sum() == 0 and places[words.index("on")].sum() == 0  # names nothing
     assert min(checked.values()) >= 20, checked
 
 

@@ -251,3 +251,30 @@ def test_the_adapter_enters_the_config_hash(sd_run, tmp_path):
     with_adapter["removal"]["adapter"] = str(tmp_path / "moved")
     assert parse_config(with_adapter).config_hash() == parse_config(
         {**data, "removal": {**data["removal"], "adapter": str(tmp_path / "ad")}}).config_hash()
+
+
+def test_a_run_stored_at_the_source_size_trains_on_the_frame_the_model_saw(tiny_model_dir, tmp_path):
+    """The same images annotated twice, stored at the model's size and at their own: distill
+    reads both back as the same model-sized images and weak masks."""
+    from maskmint.pipeline.dataset import read_samples
+    from maskmint.pipeline.distill import RunSamples
+    from maskmint.schemas.masking import MaskConfig
+    from tests.test_folder_source import folder_config, make_images, write
+
+    images = make_images(tmp_path / "images")  # square, wide and small sources
+    samples = {}
+    for size in ("model", "source"):
+        config = write(folder_config(tiny_model_dir, images, annotate={"store_size": size}), tmp_path / f"{size}.yaml")
+        assert launch.main(["run", "--config", str(config), "--out", str(tmp_path / size), "--quiet"]) == 0
+        read = RunSamples(tmp_path / size, MaskConfig(), seed=0, fit_how="crop")
+        read.size = (TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+        samples[size] = [read.at(i) for i in range(read.count)]
+    assert len(samples["model"]) == len(samples["source"]) == 3
+    assert sorted(s.image.shape[1] for s in read_samples(tmp_path / "source")) == [32, 64, 96]  # the sources' own sizes
+    for (image, foreground, caption, background), (image2, foreground2, caption2, background2) in zip(
+            samples["model"], samples["source"]):
+        assert image2.shape == image.shape == (TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3)
+        assert (caption, background) == (caption2, background2)
+        assert np.abs(image.astype(int) - image2).mean() < 6  # both through jpg, one through a resize back
+        agree = (foreground == foreground2).mean()
+        assert agree > 0.9, agree
