@@ -108,21 +108,30 @@ def test_multi_config_on_the_shipped_model_beats_chance(objects, least):
     assert summary["object_left"] < 0.05, summary
 
 
-def test_toy_flux_config_on_its_shipped_model_beats_chance():
-    """configs/toy-flux.yaml on assets/toy-flux, one shape per image: removal and refinement
-    recover the object, while its attention barely localises it (heat AUC 0.596, weak IoU
-    0.139, final 0.902 on these samples: bench/RESULTS.md); held to those, 0.05 below."""
+# heat AUC, weak IoU, final IoU of configs/toy-flux.yaml, one shape per image, run seed 7, 8
+# samples, per recipe (bench/RESULTS.md); the test holds each to 0.05 below
+TOY_FLUX_FIGURES = {"cross": (0.996, 0.790, 0.998), "concept_attention": (0.979, 0.420, 0.998)}
+
+
+@pytest.mark.parametrize("recipe", sorted(TOY_FLUX_FIGURES))
+def test_toy_flux_config_on_its_shipped_model_localises(recipe):
+    """configs/toy-flux.yaml on assets/toy-flux: the toy MM-DiT's attention finds the shape, and
+    the masks recover it, by either recipe."""
     config = load_config(REPO / "configs" / "toy-flux.yaml")
     assert Path(config.model.path).resolve() == (REPO / "assets" / "toy-flux").resolve()
-    assert json.loads((REPO / "assets" / "toy-flux" / "training.json").read_text())["trained_by"] == "bench/train_toy_dit.py"
+    record = json.loads((REPO / "assets" / "toy-flux" / "training.json").read_text())
+    assert record["trained_by"] == "bench/train_toy_dit.py" and float(record["arguments"]["word_attention"]) > 0
     data = config.model_dump(mode="json")
     data["prompts"]["concepts_per_image"] = 1
     data["execution"]["seed"] = 7
+    if recipe == "concept_attention":
+        data["capture"]["recipe"], data["mask"]["tau"] = recipe, 0.4
     summary, scores, _, _ = quality.evaluate(RunConfig.model_validate(data), samples=8, progress=False)
     chance = np.mean([s["truth_area"] for s in scores])
-    assert summary["heat_auc"] >= 0.55, scores
-    assert summary["weak_iou"] >= 0.09, scores
-    assert summary["refined_iou"] >= max(0.85, 4 * chance), scores
+    auc, weak, final = TOY_FLUX_FIGURES[recipe]
+    assert summary["heat_auc"] >= auc - 0.05, scores
+    assert summary["weak_iou"] >= max(weak - 0.05, 2 * chance), scores
+    assert summary["refined_iou"] >= max(final - 0.05, 4 * chance), scores
     assert summary["object_left"] < 0.05, scores
 
 
