@@ -269,8 +269,9 @@ class RunConfig(Section):
         if self.prompts.file is not None:
             scan = scan_prompts_file(self.prompts.file)
             content["prompts_file_sha256"] = scan.sha256
-            if scan.images:
-                content["images"] = scan.images
+            images = scan.images
+            if images:
+                content["images"] = images
         if self.input.images is not None:
             content["images"] = folder_signature(self.input.images)
         if "images" not in content:  # these shape only runs that annotate: the others keep their hash

@@ -249,32 +249,51 @@ def find_word(text: str, words: list[str]) -> tuple[int, int] | None:
 @dataclass(frozen=True)
 class PromptsFileScan:
     """What one pass over a prompts file tells: where its non-blank lines start (and their
-    1-based numbers), its sha256, how many lines name an image, and those images' signature:
-    each one's path as written, size and modification time (a stat per image, no read), so a
-    replaced or edited image makes it a different config ("" when no line names one)."""
+    1-based numbers), its sha256, and the images its lines name (as written, relative to its
+    folder)."""
 
     offsets: np.ndarray
     numbers: np.ndarray
     sha256: str
-    image_lines: int
-    images: str
+    folder: str
+    image_names: tuple[str, ...]
 
     @property
     def lines(self) -> int:
         return len(self.offsets)
+
+    @property
+    def image_lines(self) -> int:
+        return len(self.image_names)
+
+    @property
+    def images(self) -> str:
+        """The named images' signature: each one's path as written, size and modification time,
+        stat'ed now (an image can change while the file does not), so a replaced or edited
+        image makes it a different config; "" when no line names one."""
+        if not self.image_names:
+            return ""
+        digest = hashlib.sha256()
+        for image in self.image_names:
+            try:
+                stat = os.stat(os.path.join(self.folder, image))
+                digest.update(f"{image}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{image}\0missing\n".encode())
+        return digest.hexdigest()[:16]
 
 
 def scan_prompts_file(path: str) -> PromptsFileScan:
     """The file read once for the sample count, the config hash, the line index and the
     plan; read again only when it changed."""
     stat = os.stat(path)
-    return _scan(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    return _scan(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4)
 def _scan(path: str, _size: int, _mtime_ns: int) -> PromptsFileScan:
-    content, images, folder = hashlib.sha256(), hashlib.sha256(), os.path.dirname(path)
-    offsets, numbers, position, image_lines = [], [], 0, 0
+    content = hashlib.sha256()
+    offsets, numbers, position, names = [], [], 0, []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             content.update(raw)
@@ -288,13 +307,7 @@ def _scan(path: str, _size: int, _mtime_ns: int) -> PromptsFileScan:
                 image = json.loads(raw).get("image")
             except (ValueError, AttributeError):
                 continue  # planning reports the line
-            if not isinstance(image, str):
-                continue
-            image_lines += 1
-            try:
-                stat = os.stat(os.path.join(folder, image))
-                images.update(f"{image}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-            except OSError:
-                images.update(f"{image}\0missing\n".encode())
+            if isinstance(image, str):
+                names.append(image)
     return PromptsFileScan(np.array(offsets, dtype=np.int64), np.array(numbers, dtype=np.int64),
-                           content.hexdigest(), image_lines, images.hexdigest()[:16] if image_lines else "")
+                           content.hexdigest(), os.path.dirname(path), tuple(names))
