@@ -96,8 +96,18 @@ KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset's g
 
 def shard_samples(path: str) -> list[ShardSample]:
     """A shard's samples in order: headers read once per change of the file, then cached."""
+    return _shard_samples(path, *_stamp(path))
+
+
+def _stamp(path: str) -> tuple[int, int]:
     stat = os.stat(path)
-    return _shard_samples(path, stat.st_size, stat.st_mtime_ns)
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _members(path: str, size: int, mtime_ns: int) -> dict[str, ShardSample]:
+    """A shard's samples by image member name: each read finds its member in constant time."""
+    return {sample.image: sample for sample in _shard_samples(path, size, mtime_ns)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -128,7 +138,7 @@ def read_source_bytes(address: str) -> bytes:
     if not separator:
         with open(address, "rb") as handle:
             return handle.read()
-    found = next((s for s in shard_samples(shard) if s.image == member), None)
+    found = _members(shard, *_stamp(shard)).get(member)
     if found is None:
         raise OSError(f"{member} is not in {shard}")
     with open(shard, "rb") as handle:
