@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple
 from braceexpand import braceexpand
 from pydantic import Field, ValidationInfo, field_validator
 
-from maskmint.schemas.base import RELATIVE_PATHS, Section
+from maskmint.schemas.base import RELATIVE_PATHS, Section, require_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 SHARD_MEMBER = "::"  # an image inside a WebDataset shard: SHARD.tar::member
@@ -39,21 +39,16 @@ class InputConfig(Section):
     @field_validator("images")
     @classmethod
     def _source(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
+        if value is None or not is_shards(value):
+            return require_path(value, info, Path.is_dir, f"a folder or .tar shards ({RELATIVE_PATHS})")
         base = Path((info.context or {}).get("base_dir", "."))
         expanded = Path(value).expanduser()
-        roots = [Path()] if expanded.is_absolute() else [base, Path.cwd()]
-        if is_shards(value):
-            for root in roots:
-                if all((root / Path(name).expanduser()).is_file() for name in braceexpand(value)):
-                    return os.path.abspath(root / expanded)
-            missing = next(n for n in braceexpand(value) if not any((r / Path(n).expanduser()).is_file() for r in roots))
-            raise ValueError(f"'{value}': shard '{missing}' is not a file ({RELATIVE_PATHS})")
-        found = next((c for c in (root / expanded for root in roots) if c.is_dir()), None)
-        if found is None:
-            raise ValueError(f"'{value}' is not a folder or .tar shards ({RELATIVE_PATHS})")
-        return str(found.resolve())
+        roots = [Path()] if expanded.is_absolute() else [base, Path.cwd()]  # find_path's, for every shard at once
+        for root in roots:
+            if all((root / Path(name).expanduser()).is_file() for name in braceexpand(value)):
+                return os.path.abspath(root / expanded)
+        missing = next(n for n in braceexpand(value) if not any((r / Path(n).expanduser()).is_file() for r in roots))
+        raise ValueError(f"'{value}': shard '{missing}' is not a file ({RELATIVE_PATHS})")
 
 
 class AnnotateConfig(Section):
