@@ -101,6 +101,10 @@ def command_plan(args: argparse.Namespace) -> int:
     weights = cost["weight_gb"]
     print(f"  weights: {weights['none']['total']:.4g} GB as loaded, {weights['int8']['total']:.4g} GB with "
           f"model.quantize: int8 ({', '.join(f'{k} {v:.4g}' for k, v in weights['int8'].items() if k != 'total')})")
+    held = cost["device_weight_gb"]
+    print("  weights on the device at once, model.offload none / model / sequential: " + ", ".join(
+        f"{' / '.join(format(held[q][mode], '.4g') for mode in ('none', 'model', 'sequential'))} GB{label}"
+        for q, label in (("none", ""), ("int8", " with int8"))))
     if drops is not None:
         rates = cost["drop_rates"]
         per_kept = cost["tflop_per_kept_triple"]

@@ -2,7 +2,9 @@
 # Every GPU measurement of maskmint in one call, most important first, so a run cut off at
 # its limit still returns what it measured. On a machine with torch and nothing else of
 # maskmint's stack: the wheels `bench/gpu-wheels.sh` puts in .whl/ travel beside it. Last,
-# Flux-schnell with int8 weights (model.quantize) for its peak memory.
+# Flux-schnell with int8 weights (model.quantize) and under model.offload model / sequential,
+# for their peak memory; OUT/offload-identity.json says whether offload left c's images and
+# heat maps as the plain run's (same random weights, same seeds).
 #
 #   bash bench/gpu.sh OUT                 # CUDA: the real architectures, random weights
 #   DEVICE=cpu bash bench/gpu.sh OUT      # the same steps on the tiny models (a dry run, in CI)
@@ -63,6 +65,10 @@ if [ "$device" = cuda ]; then
     --recipe concept_attention $peak
   step flux-schnell-int8 240 --model flux-schnell --device cuda --dtype bf16 --batch 2 --steps 4 --repeats 2 \
     --quantize int8 $peak
+  step flux-schnell-offload-model 240 --model flux-schnell --device cuda --dtype bf16 --batch 2 --steps 4 --repeats 1 \
+    --offload model $peak
+  step flux-schnell-offload-sequential 300 --model flux-schnell --device cuda --dtype bf16 --batch 2 --steps 4 \
+    --repeats 1 --offload sequential $peak
 else
   step sd15 120 --model tiny --device cpu --batch 2 --steps 2 --repeats 1
   step sd15-compile 120 --model tiny --device cpu --batch 2 --steps 2 --repeats 1 --compile --compile-backend eager
@@ -70,6 +76,21 @@ else
   step flux-schnell-cross 120 --model tiny-flux --device cpu --batch 2 --steps 2 --repeats 1
   step flux-schnell-concept 120 --model tiny-flux --device cpu --batch 2 --steps 2 --repeats 1 --recipe concept_attention
   step flux-schnell-int8 120 --model tiny-flux --device cpu --batch 2 --steps 2 --repeats 1 --quantize int8
+  # sequential offload is refused on the CPU (nothing to save there): the dry run takes model only
+  step flux-schnell-offload-model 120 --model tiny-flux --device cpu --batch 2 --steps 2 --repeats 1 --offload model
 fi
 echo "}" >>"$out/steps.json"
+# model.offload must leave images and heat maps as they are: variant c's digest beside the plain run's
+$python - "$out" <<'PY' 2>&1 | tee -a "$log"
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+def digest(name):
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()).get("c_sha256") if path.is_file() else None
+plain = digest("flux-schnell-cross")
+found = {name: digest(name) for name in ("flux-schnell-offload-model", "flux-schnell-offload-sequential")}
+record = {name: None if d is None or plain is None else d == plain for name, d in found.items()}
+(out / "offload-identity.json").write_text(json.dumps(record, indent=1))
+print("offload: c's images and heat maps equal to the plain run's:", record)
+PY
 echo "done in $(($(date +%s) - start)) s: $out" | tee -a "$log"

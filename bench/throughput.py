@@ -30,12 +30,15 @@ model-FLOP utilisation of d: FLOPs of a + b per sample counted by
 torch.utils.flop_counter on the same shapes, times d's rate, over --peak-tflops.
 --compile and --channels-last apply to the one UNet all four variants share
 (generation.compile, generation.channels_last), so the ratios stay like for like; FLOPs
-are then counted on the uncompiled module.
+are then counted on the uncompiled module. --quantize and --offload (model.quantize,
+model.offload) likewise apply to every variant; c_sha256 digests one run of c's images and
+heat maps, which must not change with --offload.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import sys
 import tempfile
@@ -51,7 +54,7 @@ from maskmint.pipeline.worker import ShardWorker, as_columns
 from maskmint.schemas.config import RunConfig
 from maskmint.stages import generate as generate_stage
 from maskmint.stages.families import family_of_pipeline
-from maskmint.stages.loading import quiet_libraries
+from maskmint.stages.loading import offload_like, quiet_libraries
 from maskmint.stages.models import load_inpainting
 
 PROMPTS = {
@@ -88,7 +91,8 @@ class Bench:
             quantize_int8(self.pipe)
         self.steps, self.batch = args.steps, args.batch
         self.config = RunConfig.model_validate({
-            "model": {"path": str(REPO / "assets" / "tiny-sd"), "device": args.device, "family": FAMILY[args.model]},
+            "model": {"path": str(REPO / "assets" / "tiny-sd"), "device": args.device, "family": FAMILY[args.model],
+                      "offload": args.offload},
             "prompts": PROMPTS,
             # compile / channels_last (when asked) change the UNet every variant below shares, a and b included
             "generation": {"steps": args.steps, "guidance_scale": 7.5, "batch_size": args.batch,
@@ -111,7 +115,7 @@ class Bench:
         self.worker = ShardWorker(self.config, self.scratch.name, pipe=self.pipe)  # installs capture
         self.capture_processors = dict(self.denoiser.attn_processors)
         self.layout = self.worker.generate.layout
-        self.inpaint = load_inpainting(self.pipe, self.config.model)
+        self.inpaint = offload_like(load_inpainting(self.pipe, self.config.model), self.pipe)
         self.batch_columns = as_columns([self.worker.plan.sample(i) for i in range(self.batch)])
         self.height, self.width = self.worker.generate.height, self.worker.generate.width
         mask = np.zeros((self.batch, self.height, self.width, 1), np.float32)
@@ -169,8 +173,15 @@ class Bench:
         )
         self.denoiser.set_attn_processor(dict(self.capture_processors))
 
-    def run_c(self) -> None:
-        self.worker.generate(dict(self.batch_columns))
+    def run_c(self) -> dict:
+        return self.worker.generate(dict(self.batch_columns))
+
+    def c_digest(self) -> str:
+        """sha256 of variant c's images and heat maps: runs that differ only in model.offload
+        must give the same."""
+        out = self.run_c()
+        return hashlib.sha256(np.ascontiguousarray(out["image"]).tobytes()
+                              + np.ascontiguousarray(out["heatmap"]).tobytes()).hexdigest()
 
     def run_d(self) -> None:
         for _ in self.worker.run_shard(self.next_shard):
@@ -262,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--annotate-strength", type=float, default=None, help="annotate.strength (default: the family's)")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="model.quantize: int8 weights for the denoiser and T5 (optimum-quanto), every variant")
+    parser.add_argument("--offload", choices=["model", "sequential"], default=None,
+                        help="model.offload for every variant (diffusers' CPU-offload hooks; sequential needs CUDA)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
@@ -290,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     capture_50, peak_50 = bench.capture_bytes(long)
     flops = bench.flops_per_sample()
     result = {
-        "model": args.model, "recipe": args.recipe, "quantize": args.quantize, "device": str(bench.device),
+        "model": args.model, "recipe": args.recipe, "quantize": args.quantize, "offload": args.offload,
+        "device": str(bench.device), "c_sha256": bench.c_digest(),
         "device_name": torch.cuda.get_device_name() if bench.device.type == "cuda" else "cpu",
         "dtype": args.dtype, "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),

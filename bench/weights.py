@@ -1,5 +1,6 @@
-"""Weight memory of the full-size models under each `model.quantize` choice, from their
-architectures built on the meta device (no weights, nothing downloaded).
+"""Weight memory of the full-size models under each `model.quantize` choice, and what the
+device holds at once under each `model.offload`, from their architectures built on the meta
+device (no weights, nothing downloaded).
 
     python -m bench.weights --json bench/weights.json
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench import real_shapes, write_json
-from maskmint.pipeline.cost import components_memory
+from maskmint.pipeline.cost import components_memory, offloaded_memory
 from maskmint.stages.families import family_of_pipeline
 
 REAL_VOCAB = {"CLIPTextModel": 49408, "CLIPTextModelWithProjection": 49408, "T5EncoderModel": 32128}
@@ -48,7 +49,13 @@ def memory(name: str, bf16: bool = False) -> dict:
         parameters[component] = round(count / 1e6, 1)
     for choice in found.values():
         choice["total"] = round(sum(v for k, v in choice.items() if k != "total"), 3)
-    return {"parameters_m": parameters, "weight_gb": found, "quantized": family.quantized_components()}
+    held = offloaded_memory(networks, found, 2, set(family.quantized_components()))
+    tables = [REAL_VOCAB[type(n).__name__] * n.get_input_embeddings().weight.shape[1] * 2 / 1e9
+              for n in networks.values() if type(n).__name__ in REAL_VOCAB]
+    for choice in held.values():  # a real vocabulary's table can be the largest layer
+        choice["sequential"] = round(max([choice["sequential"], *tables]), 4)
+    return {"parameters_m": parameters, "weight_gb": found, "device_gb_by_offload": held,
+            "quantized": family.quantized_components()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,9 +113,9 @@ def flops_per_triple(config: RunConfig) -> dict[str, float]:
         "generate_denoiser": (1 - real) * generation_batch * generation.steps * step,
         "annotate_denoiser": real * annotate_batch * annotated_steps * step,
         "text_encoder": text_for * text_passes,
-        # generated: the image decoded; annotated: encoded by annotate and again by the
-        # image-to-image pipeline
-        "vae": (1 - real) * decode + real * 2 * encode,
+        # generated: the image decoded; annotated: encoded by annotate (and again by the
+        # image-to-image pipeline, where it does not take the latents)
+        "vae": (1 - real) * decode + real * (1 if family.image_to_image_takes_latents(vae.config) else 2) * encode,
         # removal, which a sample dropped before it does not pay: its denoiser, its prompts,
         # its encodes and its decode
         "remove_denoiser": removal_batch * removal_steps * _denoiser_step(family, inpaint, latent, text_tokens),
@@ -145,14 +145,42 @@ def weight_memory(config: RunConfig) -> dict[str, dict[str, float]]:
     parameters (built on the meta device): the run's dtype (fp16 for auto, as on a GPU); int8
     stores the quantized components' linear weights in one byte each plus a scale per output
     channel, as optimum-quanto does."""
+    networks, width, quantized = _weighed_networks(config)
+    # transformers keeps a model's `_keep_in_fp32_modules` in fp32 when it loads in fp16
+    keeps_full = config.model.dtype in ("auto", "float16")
+    return components_memory(networks, width, quantized, keeps_full)
+
+
+def device_weight_memory(config: RunConfig) -> dict[str, dict[str, float]]:
+    """GB of weights on the device at once under each `model.offload`, per `model.quantize` choice."""
+    networks, width, quantized = _weighed_networks(config)
+    return offloaded_memory(networks, weight_memory(config), width, quantized)
+
+
+def _weighed_networks(config: RunConfig) -> tuple[dict, int, set[str]]:
     family, denoiser, inpaint, vae, texts = _config_networks(config)
     networks = {family.denoiser_component: denoiser, "vae": vae, **dict(texts)}
     if inpaint is not denoiser:
         networks["inpaint_" + family.denoiser_component] = inpaint
-    width = 4 if config.model.dtype == "float32" else 2
-    # transformers keeps a model's `_keep_in_fp32_modules` in fp32 when it loads in fp16
-    keeps_full = config.model.dtype in ("auto", "float16")
-    return components_memory(networks, width, set(family.quantized_components()), keeps_full)
+    return networks, 4 if config.model.dtype == "float32" else 2, set(family.quantized_components())
+
+
+def offloaded_memory(networks: dict, memory: dict, width: int, quantized: set[str]) -> dict[str, dict[str, float]]:
+    """none holds every network; model the largest one (the hooks move one network at a time and
+    send the last one back first); sequential the largest layer's own weights (one at a time).
+    Activations come on top of each."""
+    layer = {"none": 0, "int8": 0}
+    for name, network in networks.items():
+        for module in network.modules():
+            own = sum(p.numel() for p in module.parameters(recurse=False))
+            layer["none"] = max(layer["none"], own * width)
+            if name in quantized and isinstance(module, torch.nn.Linear):  # one byte a weight, a scale per row
+                own = module.weight.numel() + (own - module.weight.numel() + module.out_features + 2) * width
+            else:
+                own *= width
+            layer["int8"] = max(layer["int8"], own)
+    return {choice: {"none": parts["total"], "model": max(v for k, v in parts.items() if k != "total"),
+                     "sequential": _figure(layer[choice] / 1e9)} for choice, parts in memory.items()}
 
 
 def components_memory(networks: dict, width: int, quantized: set[str], keeps_full: bool = True) -> dict[str, dict[str, float]]:
@@ -215,6 +243,7 @@ def estimate(config: RunConfig, peak_tflops: float | None, utilisation: float,
         "peak_tflops": peak_tflops,
         "utilisation": utilisation,
         "weight_gb": weight_memory(config),
+        "device_weight_gb": device_weight_memory(config),
     }
     if drops is not None:
         kept = 1 - drops["before_removal"] - drops["after_removal"]

@@ -23,7 +23,7 @@ from maskmint.schemas.records import BatchDone, PlannedSample, SampleMetadata, S
 from maskmint.stages.annotate import Annotate, at_source_size
 from maskmint.stages.filter import EarlyFilter, Filter
 from maskmint.stages.generate import Generate
-from maskmint.stages.loading import pick_device, pick_dtype
+from maskmint.stages.loading import execution_device, offload, offload_like, pick_device, pick_dtype
 from maskmint.stages.models import load_inpainting, load_text_to_image
 from maskmint.stages.refine import Refine
 from maskmint.stages.remove import Remove
@@ -74,10 +74,9 @@ class ShardWorker:
         self.config = config
         self.rundir = RunDir(root)
         self.fence = Fence(root, run_token)
+        device = pick_device(config.model.device) if pipe is None else execution_device(pipe)
         if pipe is None:
-            device = pick_device(config.model.device)
             pipe = load_text_to_image(config.model, device, pick_dtype(config.model.dtype, device))
-        device = pipe.device
         self.generate = Generate(pipe, config.generation, config.capture)
         self.plan = Plan(config, self.generate.layout, root)
         self.weak_mask = WeakMask(config.mask)
@@ -85,6 +84,9 @@ class ShardWorker:
         self.remove = Remove(inpaint, config.removal, family.removal_prompts(self.generate.layout),
                              reuse_latents=family.reuses_generation_latents(family.denoiser(inpaint).config),
                              denoiser=family.denoiser(inpaint))
+        # offload last: the hooks must wrap the networks as they run (processors, adapter in)
+        offload(pipe, config.model.offload, device)
+        offload_like(inpaint, pipe)
         self.refine = Refine(config.refine)
         self.early_filter = EarlyFilter(config.filter, config.refine.dilate_px)
         self.filter = Filter(config.filter)

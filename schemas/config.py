@@ -50,6 +50,11 @@ class ModelConfig(Section):
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field(default="auto", description="'auto' picks cuda when present, else cpu")
+    offload: Literal["model", "sequential"] | None = Field(
+        default=None,
+        description="diffusers' CPU offload: model keeps one network at a time on the device, sequential one "
+        "layer at a time (least memory, slowest); the weights wait in CPU memory. Outputs are unchanged",
+    )
     quantize: Literal["int8"] | None = Field(
         default=None,
         description="int8: the denoiser's and T5's linear and conv weights stored in int8 (optimum-quanto, "
@@ -57,6 +62,11 @@ class ModelConfig(Section):
     )
 
     _resolve = field_validator("path", "inpaint_path", "single_file_config")(resolve_model_location)
+
+    @field_validator("offload", "quantize", mode="before")
+    @classmethod
+    def _none_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.lower() == "none" else value
 
 
 class GenerationConfig(Section):
@@ -147,6 +157,7 @@ UNET_RUNTIME_ONLY = {"compile", "channels_last"}
 # Where the weights sit is not what they are: a run moved to another mount or checkout is
 # the same run. The weights' identity enters the hash as a fingerprint instead.
 MODEL_LOCATIONS = {"path", "inpaint_path", "single_file_config"}
+MODEL_RUNTIME_ONLY = {"offload"}  # where the weights wait between calls does not change a number
 # Likewise input files: their content is hashed (the class list is in `concepts`).
 INPUT_FILES = {"concepts_file", "file"}
 INPUT_FOLDERS = {"images"}
@@ -235,6 +246,13 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _compile_stays_on_the_device(self) -> RunConfig:
+        if self.generation.compile and self.model.offload is not None:
+            raise ValueError("generation.compile: a compiled denoiser stays on the device; it cannot be offloaded "
+                             f"(model.offload: {self.model.offload})")
+        return self
+
+    @model_validator(mode="after")
     def _shares_need_concept_attention(self) -> RunConfig:
         if self.mask.normalise == "none" and self.capture.recipe not in SHARE_RECIPES:
             raise ValueError("mask.normalise: none takes maps that are shares (capture.recipe: concept_attention); "
@@ -258,7 +276,7 @@ class RunConfig(Section):
         content = self.model_dump(
             mode="json",
             exclude={
-                "name": True, "model": MODEL_LOCATIONS, "prompts": INPUT_FILES, "input": INPUT_FOLDERS,
+                "name": True, "model": MODEL_LOCATIONS | MODEL_RUNTIME_ONLY, "prompts": INPUT_FILES, "input": INPUT_FOLDERS,
                 "execution": EXECUTION_ONLY, "generation": UNET_RUNTIME_ONLY, "removal": {"adapter"},
             },
         )

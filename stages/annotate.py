@@ -26,7 +26,7 @@ from PIL.ExifTags import Base
 from maskmint.schemas.config import AnnotateConfig, CaptureConfig
 from maskmint.schemas.inputs import read_source_bytes
 from maskmint.schemas.records import IGNORE_INDEX
-from maskmint.stages.loading import vae_precision
+from maskmint.stages.loading import execution_device, offload_like, vae_precision
 from maskmint.stages.tokens import token_slots
 
 ORIENTATION = Base.Orientation.value  # EXIF orientations 5-8 turn the image a quarter
@@ -160,28 +160,35 @@ class Annotate:
     def __init__(self, pipe, family, layout, store, size: tuple[int, int], config: AnnotateConfig,
                  capture: CaptureConfig):
         self.pipe, self.family, self.layout, self.store = pipe, family, layout, store
-        self.image_to_image = family.load_image_to_image(pipe)
+        self.image_to_image = offload_like(family.load_image_to_image(pipe), pipe)
         self.height, self.width = size
         self.config = config
         self.steps = config.steps or family.annotate_steps
         self.strength = config.strength or family.annotate_strength
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 NHWC -> clean latents as the denoiser takes them."""
+        """uint8 NHWC -> the VAE's mean latents (unscaled), in the denoiser's dtype."""
         vae = self.pipe.vae
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).to(self.pipe.device, torch.float32) / 127.5 - 1
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).to(execution_device(self.pipe), torch.float32) / 127.5 - 1
         with vae_precision(vae) as dtype:
             encoded = vae.encode(pixels.to(dtype)).latent_dist.mean
-        dtype = self.family.denoiser(self.pipe).dtype
-        return self.family.latents_from_vae(self.pipe, encoded.to(dtype), self.height, self.width)
+        return encoded.to(self.family.denoiser(self.pipe).dtype)
+
+    def image_input(self, images: np.ndarray, scaled: torch.Tensor):
+        """What the image-to-image pipeline is given: the latents already encoded where it
+        takes them, so that the VAE encodes each image once; otherwise the pixels."""
+        if self.family.image_to_image_takes_latents(self.pipe.vae.config):
+            return scaled
+        return images.astype(np.float32) / 255.0
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
         read = [read_source(path, self.height, self.width, self.config) for path in batch["image_path"]]
         images = np.stack([source.image if source.image is not None else np.zeros((self.height, self.width, 3), np.uint8)
                            for source in read])
-        device = self.pipe.device
-        clean = self.encode(images)
+        device = execution_device(self.pipe)
+        encoded = self.encode(images)
+        clean = self.family.latents_from_vae(self.pipe, encoded, self.height, self.width)
         generators = [torch.Generator(device).manual_seed(int(seed)) for seed in batch["seed"]]
         index, weights = token_slots(batch["concepts"])
         latent_hw = (self.height // self.pipe.vae_scale_factor, self.width // self.pipe.vae_scale_factor)
@@ -189,7 +196,7 @@ class Annotate:
         try:
             self.image_to_image(
                 **self.family.prompt_kwargs(self.layout, list(batch["prompt"]), list(batch["negative_prompt"])),
-                image=images.astype(np.float32) / 255.0,
+                image=self.image_input(images, self.family.scaled_latents(self.pipe, encoded)),
                 strength=self.strength,
                 num_inference_steps=self.steps,
                 guidance_scale=self.config.guidance_scale,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from maskmint.schemas.config import CaptureConfig, GenerationConfig
 from maskmint.stages.families import family_of_pipeline
-from maskmint.stages.loading import vae_precision
+from maskmint.stages.loading import execution_device, vae_precision
 from maskmint.stages.models import pipeline_image_size
 from maskmint.stages.tokens import TextLayout, token_slots
 
@@ -50,7 +50,8 @@ class Generate:
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
-        pipe, device = self.pipe, self.pipe.device
+        pipe = self.pipe
+        device = execution_device(pipe)
         generators = [torch.Generator(device).manual_seed(int(seed)) for seed in batch["seed"]]
         index, weights = token_slots(batch["concepts"])
         latent_hw = (self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor)

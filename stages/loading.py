@@ -51,6 +51,35 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def execution_device(pipe) -> torch.device:
+    """Where a pipeline computes. Under CPU offload its weights sit on the CPU (or the meta
+    device), so `pipe.device` names the wrong place; diffusers finds the place from the hooks."""
+    return pipe._execution_device
+
+
+OFFLOAD_METHODS = {"model": "enable_model_cpu_offload", "sequential": "enable_sequential_cpu_offload"}
+
+
+def offload(pipe, mode: str | None, device: torch.device):
+    """`model.offload` on one pipeline, after its networks are final (processors, adapter):
+    diffusers' hooks move each network (model) or layer (sequential) to `device` when it runs.
+    Every pipeline maskmint builds on shared networks is offloaded alike (`offload_like`)."""
+    if mode == "sequential" and device.type == "cpu":
+        # accelerate's layer hooks break on CPU-to-CPU moves, and there is nothing to save there
+        raise ModelLoadError("model.offload: sequential moves layers onto an accelerator; this run's device is the "
+                             "CPU, where the weights are in memory already (use none or model)")
+    pipe._maskmint_offload = (mode, device)
+    if mode is not None:
+        getattr(pipe, OFFLOAD_METHODS[mode])(device=device)
+    return pipe
+
+
+def offload_like(pipe, base):
+    """The base pipeline's offload, on a pipeline built on its networks."""
+    mode, device = getattr(base, "_maskmint_offload", (None, None))
+    return offload(pipe, mode, device)
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32

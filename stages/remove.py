@@ -11,7 +11,7 @@ import torch
 from maskmint.schemas.config import RemovalConfig
 from maskmint.schemas.masking import ADAPTER_WEIGHTS
 from maskmint.schemas.records import BACKGROUND_ID
-from maskmint.stages.loading import ModelLoadError
+from maskmint.stages.loading import ModelLoadError, execution_device
 from maskmint.stages.masks import cover_cells, dilate
 
 # Inpainting noise must differ from generation noise drawn from the same seed.
@@ -77,7 +77,7 @@ class Remove:
         todo = [i for i in range(len(images)) if regions[i].any() and not skips[i]]
         if not todo:
             return {"background": backgrounds}
-        device = self.pipe.device
+        device = execution_device(self.pipe)
         cell = self.pipe.vae_scale_factor
         cells = np.stack([cover_cells(regions[i], cell) for i in todo])
         height, width = images.shape[1:3]

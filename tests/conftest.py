@@ -79,3 +79,14 @@ def write_config(tmp_path):
         return path
 
     return write
+
+
+def save_tiny_models(tmp_path_factory, names, seed: int) -> dict[str, Path]:
+    """Each family's tiny pipeline saved as a model folder, by family name."""
+    from maskmint.pipeline.testing.tiny_models import BUILDERS
+
+    folders = {}
+    for name in names:
+        folders[name] = tmp_path_factory.mktemp("models") / f"tiny-{name}"
+        BUILDERS[name](seed=seed, image_size=TEST_IMAGE_SIZE).save_pretrained(folders[name])
+    return folders

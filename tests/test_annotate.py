@@ -287,7 +287,13 @@ def test_annotate_takes_every_recipe_and_removal(family, changes, config_dict, w
     assert audit(out) == []
     samples = list(read_samples(out))
     assert [s.key for s in samples] == ["0000000000", "0000000001"]
+    shares = data["mask"].get("normalise") == "none"
     for sample in samples:
-        assert sample.heatmap.max() > sample.heatmap.min()
+        if shares:
+            # the concept's share against "background", near one half on an untrained model
+            # (on the tiny SD3 within a few 1/1000: under the PNG's step); nothing read is 0
+            assert 0 < sample.heatmap.min() <= sample.heatmap.max() < 255
+        else:
+            assert sample.heatmap.max() > sample.heatmap.min()
         assert sample.metadata["parameters"]["capture"]["recipe"] == data.get("capture", {}).get("recipe", "cross")
         assert np.abs(sample.background.astype(int) - sample.image.astype(int)).max() > 0  # something was removed

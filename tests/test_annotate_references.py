@@ -47,11 +47,15 @@ def test_capture_on_a_real_image_equals_a_slow_reference_and_every_step_reads_th
     hook = pipe.unet.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append((args[0].clone(), args[1].clone(), kwargs["encoder_hidden_states"].clone())),
         with_kwargs=True)
+    encodes = []
+    counter = pipe.vae.encoder.register_forward_hook(lambda module, args, output: encodes.append(len(args[0])))
     try:
         out = annotate(batch)
     finally:
         hook.remove()
+        counter.remove()
     assert len(calls) == STEPS
+    assert encodes == [2]  # the batch is VAE-encoded once: the image-to-image pipeline takes its latents
     captured = annotate.store.heatmaps(token_slots(batch["concepts"])[1]).numpy()
 
     log = []
@@ -101,11 +105,15 @@ def test_mmdit_capture_on_a_real_image_equals_a_slow_reference_and_every_step_re
         calls.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
 
     hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    encodes = []
+    counter = pipe.vae.encoder.register_forward_hook(lambda module, args, output: encodes.append(len(args[0])))
     try:
         out = annotate({**batch, "image_path": paths})
     finally:
         hook.remove()
+        counter.remove()
     assert len(calls) == STEPS
+    assert encodes == [2]  # the batch is VAE-encoded once: the image-to-image pipeline takes its latents
     captured = annotate.store.heatmaps(token_slots(batch["concepts"])[1]).numpy()
 
     log = []

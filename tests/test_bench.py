@@ -373,11 +373,14 @@ def test_gpu_script_dry_run_on_cpu_writes_every_step(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     steps = json.loads((out / "steps.json").read_text())
     assert list(steps) == ["sd15", "sd15-compile", "sdxl", "flux-schnell-cross", "flux-schnell-concept",
-                           "flux-schnell-int8"]
+                           "flux-schnell-int8", "flux-schnell-offload-model"]
     assert all(step["exit"] == "0" for step in steps.values()), steps
     for name in steps:
         record = json.loads((out / f"{name}.json").read_text())
         assert set(record["samples_per_s"]) == {"a", "b", "c", "d"} and record["c_over_a"] > 0
     assert json.loads((out / "flux-schnell-concept.json").read_text())["recipe"] == "concept_attention"
     assert json.loads((out / "flux-schnell-int8.json").read_text())["quantize"] == "int8"
+    assert json.loads((out / "flux-schnell-offload-model.json").read_text())["offload"] == "model"
+    # offload changed no number: the same digest as the plain run's
+    assert json.loads((out / "offload-identity.json").read_text())["flux-schnell-offload-model"] is True
     assert "torch" in (out / "gpu.log").read_text()

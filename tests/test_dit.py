@@ -20,7 +20,7 @@ from maskmint.schemas.records import ConceptSpan
 from maskmint.stages.families import FLUX, SD3, family_of_pipeline, resolve_family
 from maskmint.stages.generate import Generate, decode, to_uint8
 from maskmint.stages.tokens import token_slots
-from tests.conftest import TEST_IMAGE_SIZE
+from tests.conftest import TEST_IMAGE_SIZE, save_tiny_models
 from tests.test_capture import STEPS, reference_heatmaps
 
 DIT_FAMILIES = ("sd3", "flux")
@@ -36,11 +36,7 @@ def dit(request):
 
 @pytest.fixture(scope="module")
 def dit_dirs(tmp_path_factory):
-    folders = {}
-    for name in DIT_FAMILIES:
-        folders[name] = tmp_path_factory.mktemp("models") / f"tiny-{name}"
-        BUILDERS[name](seed=2, image_size=TEST_IMAGE_SIZE).save_pretrained(folders[name])
-    return folders
+    return save_tiny_models(tmp_path_factory, DIT_FAMILIES, seed=2)
 
 
 class JointStoringProcessor:

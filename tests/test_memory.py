@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from maskmint import launch
-from maskmint.pipeline.cost import weight_memory
-from maskmint.pipeline.testing.tiny_models import BUILDERS
+from maskmint.pipeline.cost import device_weight_memory, weight_memory
 from maskmint.schemas.config import CaptureConfig, GenerationConfig, RunConfig
 from maskmint.stages.families import resolve_family
 from maskmint.stages.generate import Generate
 from maskmint.stages.tokens import token_slots
-from tests.conftest import TEST_IMAGE_SIZE
+from tests.conftest import save_tiny_models
 from tests.test_concept_attention import _two_object_batch
 
 pytest.importorskip("optimum.quanto")
@@ -24,11 +23,7 @@ pytest.importorskip("optimum.quanto")
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    found = {}
-    for name in ("sd3", "flux"):
-        found[name] = tmp_path_factory.mktemp("models") / f"tiny-{name}"
-        BUILDERS[name](seed=2, image_size=TEST_IMAGE_SIZE).save_pretrained(found[name])
-    return found
+    return save_tiny_models(tmp_path_factory, ("sd3", "flux"), seed=2)
 
 
 def _config(folder, quantize: str) -> RunConfig:
@@ -57,6 +52,21 @@ def test_weight_memory_is_what_the_loaded_components_hold(folders, name):
             plain = weight_memory(config)["none"]
             assert estimate[family.denoiser_component] < 0.6 * plain[family.denoiser_component]
             assert type(family.denoiser(pipe).transformer_blocks[0].attn.to_q).__name__ == "QLinear"
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_device_memory_under_offload_is_the_largest_network_or_layer_loaded(folders, name):
+    config = _config(folders[name], "none")
+    family = resolve_family(config.model)
+    pipe = family.load(config.model, torch.device("cpu"), torch.float32)
+    held = device_weight_memory(config)
+    networks = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    assert held["none"]["none"] == pytest.approx(sum(_in_memory_gb(m) for m in networks), rel=1e-3)
+    assert held["none"]["model"] == pytest.approx(max(_in_memory_gb(m) for m in networks), rel=1e-3)
+    layers = [sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+              for network in networks for module in network.modules()]
+    assert held["none"]["sequential"] == pytest.approx(max(layers) / 1e9, rel=1e-3)
+    assert held["int8"]["model"] <= held["none"]["model"] and held["int8"]["none"] < held["none"]["none"]
 
 
 @pytest.mark.parametrize("recipe", ["cross", "concept_attention"])

@@ -57,7 +57,8 @@ class Family:
 
     # -- loading -----------------------------------------------------------------------------
     def load(self, config: ModelConfig, device: torch.device, dtype: torch.dtype):
-        """The text-to-image pipeline on `device`, progress bars off."""
+        """The text-to-image pipeline on `device` (on the CPU with `offload`, which the worker
+        switches on once every pipeline on these networks is built), progress bars off."""
         import diffusers
 
         pipeline_class = getattr(diffusers, self.text_to_image)
@@ -74,7 +75,7 @@ class Family:
         except Exception as error:  # noqa: BLE001 - any loader failure is reported the same way
             raise load_failure("path", config.path, error) from error
         pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return pipe if config.offload is not None else pipe.to(device)  # offloaded: the hooks place it
 
     def quantized_components(self) -> list[str]:
         return [self.denoiser_component] + ([self.t5_component] if self.t5_component else [])
@@ -123,6 +124,12 @@ class Family:
         """Whether removal inpaints from generation's latents (latent blending) instead of
         encoding the image again."""
         return False
+
+    def image_to_image_takes_latents(self, vae_config) -> bool:
+        """Whether the image-to-image pipeline takes annotate's encoded latents as its `image`
+        (its image processor passes a tensor of the VAE's channel count through), so that
+        each image is encoded once."""
+        return True
 
     def removal_encodes(self, inpaint_denoiser_config, prefill: bool) -> int:
         """VAE encodes removal makes per sample (for plan's cost): diffusers' inpainting

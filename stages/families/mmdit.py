@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from maskmint.schemas.config import CaptureConfig, ModelConfig
 from maskmint.stages.families.base import Family
-from maskmint.stages.loading import ModelLoadError
+from maskmint.stages.loading import ModelLoadError, execution_device
 
 
 def check_blocks(wanted: list[int] | None, blocks: int) -> None:
@@ -26,7 +26,7 @@ class MMDiTFamily(Family):
 
     def encode_text(self, pipe, layout, texts: list[str]):
         out = pipe.encode_prompt(prompt=texts, prompt_2=None, max_sequence_length=layout.segments[-1].length,
-                                 device=pipe.device, **self.encode_kwargs)
+                                 device=execution_device(pipe), **self.encode_kwargs)
         return out[0], out[self.pooled_output]
 
     # ConceptAttention's setting for Flux: the image noised to step 2 of 4 (SD3: the same share)

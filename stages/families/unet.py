@@ -13,7 +13,7 @@ import torch
 
 from maskmint.schemas.config import CaptureConfig, ModelConfig
 from maskmint.stages.families.base import Family
-from maskmint.stages.loading import ModelLoadError, is_single_file, load_failure
+from maskmint.stages.loading import ModelLoadError, execution_device, is_single_file, load_failure
 
 
 class UNetFamily(Family):
@@ -28,7 +28,7 @@ class UNetFamily(Family):
         return pipe.scheduler.add_noise(clean, noise, timestep)
 
     def encode_text(self, pipe, layout, texts: list[str]):
-        out = pipe.encode_prompt(prompt=texts, device=pipe.device, num_images_per_prompt=1,
+        out = pipe.encode_prompt(prompt=texts, device=execution_device(pipe), num_images_per_prompt=1,
                                  do_classifier_free_guidance=False)
         return out[0], self.pooled(out)
 
@@ -51,6 +51,10 @@ class UNetFamily(Family):
                 raise load_failure("inpaint_path", config.inpaint_path, error) from error
             components["unet"] = unet.to(base.device)
         return components
+
+    def image_to_image_takes_latents(self, vae_config) -> bool:
+        # diffusers' SD and SDXL image-to-image pipelines tell latents by their 4 channels
+        return vae_config.latent_channels == 4
 
     def reuses_generation_latents(self, inpaint_denoiser_config) -> bool:
         # Latent blending needs only the image's latents (a 9-channel UNet also takes the masked image's).
