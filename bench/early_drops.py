@@ -2,6 +2,7 @@
 
     python -m bench.early_drops --config configs/multi.yaml --json bench/early-drops-multi.json
     python -m bench.early_drops --config configs/demo.yaml --json bench/early-drops-demo.json
+    python -m bench.early_drops --config configs/multi.yaml --set filter.max_components=2   # a stricter filter
 
 One worker holds the config's models; each round runs the same shards twice, once with
 `execution.early_drops` off and once on (in alternating order, so drift hits both alike),
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from bench import write_json
 from maskmint.pipeline.worker import ShardWorker
-from maskmint.schemas.config import load_config
+from bench.quality import set_field
+from maskmint.schemas.config import RunConfig, load_config
 from maskmint.stages.loading import quiet_libraries
 
 
@@ -57,10 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=Path("configs/multi.yaml"))
     parser.add_argument("--shards", type=int, default=None, help="how many of its shards each run makes (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field, e.g. --set filter.max_components=2 (repeatable)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     quiet_libraries()
-    config = load_config(args.config).with_execution(executor="local")
+    data = load_config(args.config).model_dump(mode="json")
+    for item in args.set:
+        set_field(data, item)
+    config = RunConfig.model_validate(data).with_execution(executor="local")
     modes = {flag: config.model_copy(update={"execution": config.execution.model_copy(update={"early_drops": flag})})
              for flag in (False, True)}
     with tempfile.TemporaryDirectory() as scratch:
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = {flag: kept[flag] / statistics.median(times[flag]) for flag in (False, True)}
     off = stage_seconds[False]
     record = {
-        "config": str(args.config), "samples": samples, "kept": kept[True], "repeats": args.repeats,
+        "config": str(args.config), "overrides": args.set, "samples": samples, "kept": kept[True], "repeats": args.repeats,
         "dropped_before_removal_share": round(before / samples, 4),
         "dropped_before_removal_with_a_weak_region_share": round((before - empty) / samples, 4),
         "removal_share_of_time_without": round(off.get("remove", 0.0) / sum(off.values()), 4),

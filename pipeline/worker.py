@@ -155,8 +155,12 @@ class ShardWorker:
         weak mask already rules out."""
         first = ("annotate", self.annotate) if batch["image_path"][0] is not None else ("generate", self.generate)
         self._apply(batch, seconds, first, ("weak_mask", self.weak_mask), ("early_drop", self.early_filter))
-        if self.config.execution.early_drops:
-            batch["removal_skips"] = [reason is not None for reason in batch["early_drop"]]
+        ruled_out = [reason is not None for reason in batch["early_drop"]]
+        survivors = [i for i, out in enumerate(ruled_out) if not out]
+        # without early drops the ruled-out samples are still removed, in a call of their own,
+        # so that the survivors' removal batch (and so their bytes) is the same either way
+        batch["removal_groups"] = [survivors] if self.config.execution.early_drops else \
+            [survivors, [i for i, out in enumerate(ruled_out) if out]]
         self._apply(batch, seconds, ("remove", self.remove))
         batch.pop("latents", None)  # device memory; the CPU stages do not need it
         return batch

@@ -50,9 +50,10 @@ def adapter_on(denoiser):
 
 
 class Remove:
-    """Batch stage: adds `background` uint8 [B,H,W,3]. Samples with an empty weak mask, or
-    marked in `removal_skips` (already dropped), keep their image; the rest are inpainted as
-    one batch, with no work for the others."""
+    """Batch stage: adds `background` uint8 [B,H,W,3]. `removal_groups` (default: the whole
+    batch) lists the samples to remove, one inpainting call per group; samples in no group
+    (already dropped), or with an empty weak mask, keep their image at no cost. A kernel's
+    rounding can depend on its batch's size, so a sample's bytes are those of its group."""
 
     def __init__(self, inpaint_pipe, config: RemovalConfig, prompt_kwargs=None, reuse_latents: bool = False,
                  denoiser=None):
@@ -73,10 +74,14 @@ class Remove:
         images, weak = batch["image"], batch["weak_mask"]
         regions = np.stack([dilate(m != BACKGROUND_ID, self.config.dilate_px) for m in weak])
         backgrounds = images.copy()
-        skips = batch.get("removal_skips") or [False] * len(images)
-        todo = [i for i in range(len(images)) if regions[i].any() and not skips[i]]
-        if not todo:
-            return {"background": backgrounds}
+        for group in batch.get("removal_groups") or [range(len(images))]:
+            todo = [i for i in group if regions[i].any()]
+            if todo:
+                self._remove(batch, todo, regions, backgrounds)
+        return {"background": backgrounds}
+
+    def _remove(self, batch: dict, todo: list[int], regions: np.ndarray, backgrounds: np.ndarray) -> None:
+        images = batch["image"]
         device = execution_device(self.pipe)
         cell = self.pipe.vae_scale_factor
         cells = np.stack([cover_cells(regions[i], cell) for i in todo])
@@ -94,7 +99,6 @@ class Remove:
         # Outside the region the original pixels are exact; the VAE round trip would blur them.
         for j, i in enumerate(todo):
             backgrounds[i][regions[i]] = inpainted[j][regions[i]]
-        return {"background": backgrounds}
 
     def _inpaint(self, batch, todo, image, masked_kwargs, cells, height, width, device):
         return self.pipe(

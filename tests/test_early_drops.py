@@ -13,29 +13,43 @@ from tests.conftest import tar_fields
 
 
 class CountingPipe:
-    """The inpainting pipeline, counting the images it is asked to inpaint."""
+    """The inpainting pipeline, counting the images it is asked to inpaint. `skew`: its
+    output also shifts by one level per image in the call, as a kernel whose rounding
+    depends on the batch's size would (much larger than such rounding, to be seen)."""
 
-    def __init__(self, pipe, counts: list[int]):
-        self._pipe, self._counts = pipe, counts
+    def __init__(self, pipe, counts: list[int], skew: bool = False):
+        self._pipe, self._counts, self._skew = pipe, counts, skew
 
     def __getattr__(self, name):
         return getattr(self._pipe, name)
 
     def __call__(self, **kwargs):
         self._counts.append(len(kwargs["generator"]))
-        return self._pipe(**kwargs)
+        out = self._pipe(**kwargs)
+        if self._skew:
+            out.images = out.images + len(kwargs["generator"]) / 255.0
+        return out
 
 
-@pytest.fixture
-def counted_removal(monkeypatch):
+def _wrap_removal(monkeypatch, skew: bool) -> list[int]:
     counts: list[int] = []
     original = remove.Remove.__init__
 
     def counting_init(self, pipe, *args, **kwargs):
-        original(self, CountingPipe(pipe, counts), *args, **kwargs)
+        original(self, CountingPipe(pipe, counts, skew), *args, **kwargs)
 
     monkeypatch.setattr(remove.Remove, "__init__", counting_init)
     return counts
+
+
+@pytest.fixture
+def counted_removal(monkeypatch):
+    return _wrap_removal(monkeypatch, skew=False)
+
+
+@pytest.fixture
+def batch_size_rounding_removal(monkeypatch):
+    return _wrap_removal(monkeypatch, skew=True)
 
 
 def _reasons(out) -> dict[str, str]:
@@ -60,14 +74,31 @@ def _run(data, early: bool, write_config, out, counts: list[int]) -> tuple[dict,
     return tar_fields(out), _reasons(out), sum(counts), counter.get_total_flops() / 1e12
 
 
-def test_early_drops_write_the_same_tars_and_reasons_and_skip_removal(config_dict, write_config, tmp_path,
-                                                                    counted_removal, capsys):
+def _dropping(config_dict) -> dict:
+    """A config whose weak masks rule samples out, for a concept they lack and for their size."""
     data = copy.deepcopy(config_dict)
     data["prompts"]["concepts_per_image"] = [1, 2]
     data["prompts"]["templates"] = ["a photo of a {concept} in a {place}", "a {concept} and a {concept2} in a {place}"]
     data["mask"] = {"tau": 0.6, "min_area": 0.05}
     data["filter"].update({"max_weak_fraction": 0.35})
     data["output"] = {"samples": 18, "shard_size": 6}
+    return data
+
+
+def test_kept_samples_match_where_removal_rounds_by_its_batch_size(config_dict, write_config, tmp_path,
+                                                                   batch_size_rounding_removal):
+    """Without early drops the ruled-out samples are removed in a call of their own, so the
+    survivors' batch, and with it their bytes, is the one early drops gives them."""
+    data = _dropping(config_dict)
+    late = _run(data, False, write_config, tmp_path / "late", batch_size_rounding_removal)
+    early = _run(data, True, write_config, tmp_path / "early", batch_size_rounding_removal)
+    assert early[0] == late[0] and early[1] == late[1]
+    assert late[2] > early[2]  # the ruled-out samples were still inpainted without early drops
+
+
+def test_early_drops_write_the_same_tars_and_reasons_and_skip_removal(config_dict, write_config, tmp_path,
+                                                                    counted_removal, capsys):
+    data = _dropping(config_dict)
     late, late_reasons, late_inpainted, late_tflop = _run(data, False, write_config, tmp_path / "late", counted_removal)
     early, early_reasons, early_inpainted, early_tflop = _run(data, True, write_config, tmp_path / "early",
                                                               counted_removal)
