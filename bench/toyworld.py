@@ -23,6 +23,10 @@ BACKGROUND_TONES = {"gray": 128, "white": 215, "black": 40}
 # Backgrounds the shipped models never saw, captioned with a word they know (the domain a
 # removal adapter is distilled on): checkerboards called "striped", dot grids called "noise".
 UNSEEN_KINDS = {"checkerboard": "striped", "dots": "noise"}
+# the same patterns at 12-16 px, coarse enough for the toy VAE to draw back (its round trip
+# of the fine ones errs by 18 levels inside an object, of these by 14)
+COARSE_UNSEEN_KINDS = {"coarse checkerboard": "striped", "coarse dots": "noise"}
+UNSEEN_CAPTIONS = {**UNSEEN_KINDS, **COARSE_UNSEEN_KINDS}
 WORDS = ["a", "and", "on", "background", *SHAPES, *COLORS, *BACKGROUND_KINDS, *BACKGROUND_TONES]
 
 # A pixel is 'object' when its HSV saturation and value are at least these (0..255 scale).
@@ -55,12 +59,12 @@ def render_background(kind: str, tone: str, rng: np.random.Generator, size: int 
         gray = level + (stripes[None, :] if rng.random() < 0.5 else stripes[:, None]) * np.ones((size, size), np.float32)
     elif kind == "noise":
         gray = level + rng.normal(0, 22, (size, size)).astype(np.float32)
-    elif kind == "checkerboard":
-        cell = int(rng.integers(4, 9))
+    elif kind in ("checkerboard", "coarse checkerboard"):
+        cell = int(rng.integers(4, 9) if kind == "checkerboard" else rng.integers(12, 17))
         rows, cols = np.mgrid[:size, :size] // cell
         gray = level + ((rows + cols) % 2).astype(np.float32) * 60 - 30
-    elif kind == "dots":
-        step = int(rng.integers(6, 10))
+    elif kind in ("dots", "coarse dots"):
+        step = int(rng.integers(6, 10) if kind == "dots" else rng.integers(14, 19))
         rows, cols = np.mgrid[:size, :size] % step
         dot = (rows - step // 2) ** 2 + (cols - step // 2) ** 2 <= (step // 4) ** 2
         gray = level + np.where(dot, 45.0, -10.0).astype(np.float32)
@@ -88,7 +92,7 @@ def shape_mask(shape: str, center: tuple[int, int], radius: int, size: int = SIZ
 
 def caption_for(objects: list[tuple[str, str]], kind: str, tone: str) -> str:
     things = " and ".join(f"a {colour} {shape}" for colour, shape in objects)
-    scene = f"a {UNSEEN_KINDS.get(kind, kind)} {tone} background"
+    scene = f"a {UNSEEN_CAPTIONS.get(kind, kind)} {tone} background"
     return f"{things} on {scene}" if things else scene
 
 
