@@ -9,7 +9,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args, get_origin
 
 USER_ERROR = 2
 RUN_INCOMPLETE = 1
@@ -233,10 +233,13 @@ def distill_flags(command: argparse.ArgumentParser) -> None:
 
     for name, field in DistillConfig.model_fields.items():
         flag, default = "--" + name.replace("_", "-"), field.default
-        shown = "none" if default is None else ("on" if default is True else "off" if default is False else f"{default:g}")
+        shown = "none" if default is None else ("on" if default is True else "off" if default is False else f"{default:g}" if isinstance(default, (int, float)) else default)
         help_text = f"{field.description or name} (default {shown})"
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
         if field.annotation in (bool, "bool"):
             command.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif choices:
+            command.add_argument(flag, dest=name, choices=choices, default=None, help=help_text)
         else:
             kind = int if field.annotation in (int, "int") else float
             command.add_argument(flag, dest=name, type=kind, default=None, help=help_text)

@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=DistillConfig().lr, help="distill's learning rate (default the paper's)")
     parser.add_argument("--rank", type=int, default=DistillConfig().rank)
+    parser.add_argument("--layers", choices=["attention", "all"], default=DistillConfig().layers,
+                        help="the layers the adapter wraps (distill --layers)")
     parser.add_argument("--concept-share", type=float, default=DistillConfig().concept_share,
                         help="share of steps on the image's own caption (default the paper's)")
     parser.add_argument("--domain", choices=["fine", "coarse"], default="fine",
@@ -149,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     annotate(splits["train"], args.train, out / "runs" / "train")
     annotate_seconds = time.perf_counter() - started
     tag = (f"lr{args.lr:g}-rank{args.rank}-steps{args.steps}" + ("-coarse" if args.domain == "coarse" else "")
-           + (f"-concept{args.concept_share:g}" if args.concept_share != DistillConfig().concept_share else ""))
+           + (f"-concept{args.concept_share:g}" if args.concept_share != DistillConfig().concept_share else "")
+           + ("-all" if args.layers == "all" else ""))
     adapter = out / f"adapter-{tag}"
     report = distill(out / "runs" / "train", adapter, DistillConfig(steps=args.steps, lr=args.lr, rank=args.rank,
-                                                                    concept_share=args.concept_share))
+                                                                    concept_share=args.concept_share,
+                                                                    layers=args.layers))
     results = {"train_images": args.train, "test_images": args.test, "distill": report,
                "annotate_train_seconds": round(annotate_seconds, 1),
                "train_seconds_per_1000_images_seen": round(report["train_seconds"] * 1000 /

@@ -107,12 +107,21 @@ def frozen_sections(root: Path):
             GenerationConfig.model_validate(config["generation"]))
 
 
-def attach_adapter(denoiser, family, rank: int, seed: int) -> list[torch.nn.Parameter]:
+def adapter_targets(denoiser, family, layers: str) -> list[str]:
+    """The module names the adapter wraps: the family's attention projections, or every
+    linear and convolution (full names, so that peft matches each exactly once)."""
+    if layers == "attention":
+        return list(family.lora_targets)
+    kinds = (torch.nn.Linear, torch.nn.Conv2d)
+    return [name for name, module in denoiser.named_modules() if isinstance(module, kinds)]
+
+
+def attach_adapter(denoiser, family, rank: int, seed: int, layers: str = "attention") -> list[torch.nn.Parameter]:
     from peft import LoraConfig
 
     torch.manual_seed(seed)  # the adapter's initial weights
     denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=list(family.lora_targets)), adapter_name=ADAPTER_NAME)
+                                    target_modules=adapter_targets(denoiser, family, layers)), adapter_name=ADAPTER_NAME)
     denoiser.requires_grad_(False)
     trainable = [p for name, p in denoiser.named_parameters() if "lora_" in name]
     for parameter in trainable:
@@ -132,7 +141,7 @@ class Trainer:
         self.family = family_of_pipeline(self.pipe)
         self.layout = load_text_layout(model)
         self.denoiser = self.family.denoiser(self.pipe)
-        self.trainable = attach_adapter(self.denoiser, self.family, options.rank, options.seed)
+        self.trainable = attach_adapter(self.denoiser, self.family, options.rank, options.seed, options.layers)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=options.lr)
         self.guidance = self.removal.guidance_scale if options.guidance is None else options.guidance
         self.step, self.losses, self.seconds = 0, [], 0.0

@@ -10,6 +10,8 @@ grid (SD 1.x at 512 px), scaled with the grid of the run's model.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from maskmint.schemas.base import Section
@@ -22,7 +24,12 @@ class DistillConfig(Section):
     steps: int = Field(default=1000, ge=1, description="optimizer steps in all (a rerun with more continues)")
     batch_size: int = Field(default=3, ge=1, description="images per step (the paper's per-GPU batch)")
     lr: float = Field(default=1e-4, gt=0.0, description="AdamW learning rate (the paper's)")
-    rank: int = Field(default=16, ge=1, le=512, description="LoRA rank of the denoiser's attention projections")
+    rank: int = Field(default=16, ge=1, le=512, description="LoRA rank of the adapted layers")
+    layers: Literal["attention", "all"] = Field(
+        default="attention",
+        description="attention: the attention projections; all: every linear and convolution of the denoiser, "
+        "nearer the paper's whole-UNet fine-tune",
+    )
     concept_share: float = Field(
         default=0.5, ge=0.0, le=1.0,
         description="share of images learnt with their own caption over the whole image; the rest learn the "
