@@ -21,6 +21,7 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import get_args
 
 import cv2
 import numpy as np
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=DistillConfig().lr, help="distill's learning rate (default the paper's)")
     parser.add_argument("--rank", type=int, default=DistillConfig().rank)
-    parser.add_argument("--layers", choices=["attention", "all"], default=DistillConfig().layers,
+    parser.add_argument("--layers", choices=get_args(DistillConfig.model_fields["layers"].annotation),
+                        default=DistillConfig().layers,
                         help="the layers the adapter wraps (distill --layers)")
     parser.add_argument("--concept-share", type=float, default=DistillConfig().concept_share,
                         help="share of steps on the image's own caption (default the paper's)")
