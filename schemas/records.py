@@ -31,6 +31,7 @@ class ConceptSpan(Record):
     word: str = Field(description="the word as it appears in the prompt (name or synonym)")
     char_span: tuple[int, int]
     token_positions: list[int] = Field(description="indices into the tokenized prompt, BOS = 0")
+    phrase: str | None = Field(default=None, description="the word with its modifiers in the prompt ('red circle')")
 
 
 class PlannedSample(Record):

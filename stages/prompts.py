@@ -28,14 +28,24 @@ from maskmint.stages.tokens import PromptError, TextLayout
 JOINING_WORDS = r"(?:a|an|the|of|in|on|at|with|and|or|by|near|under|over|behind|from|to|for|into|onto|beside)"
 
 
+# Up to three words between an article and its noun that no joining word ends.
+MODIFIERS = rf"(?:(?!{JOINING_WORDS}\b)[\w-]+\s+){{0,3}}"
+
+
 def _drop_concept(text: str, word: str) -> str:
     # "a photo of a dog in a park" -> "a photo of in a park": the article goes with the word,
     # and so do up to three modifiers between them ("a green square on ..." -> "on ..."), so
     # that removal is not asked for a green thing.
-    modifiers = rf"(?:(?!{JOINING_WORDS}\b)[\w-]+\s+){{0,3}}"
-    text = re.sub(rf"\b(?:an?|the)\s+{modifiers}{re.escape(word)}\b", "", text, count=1, flags=re.IGNORECASE)
+    text = re.sub(rf"\b(?:an?|the)\s+{MODIFIERS}{re.escape(word)}\b", "", text, count=1, flags=re.IGNORECASE)
     text = re.sub(rf"\b{re.escape(word)}\b", "", text, count=1, flags=re.IGNORECASE)
     return re.sub(r"\s+", " ", text).strip(" ,")
+
+
+def noun_phrase(prompt: str, span: tuple[int, int]) -> str:
+    """The concept word with the modifiers the prompt puts between it and its article ("a red
+    striped circle" -> "red striped circle"); the word alone where no article precedes it."""
+    found = re.search(rf"\b(?:an?|the)\s+({MODIFIERS})$", prompt[: span[0]], flags=re.IGNORECASE)
+    return ((found.group(1) if found else "") + prompt[span[0] : span[1]]).strip()
 
 
 def _drop_dangling_joins(text: str) -> str:
@@ -323,7 +333,7 @@ class PromptBuilder:
             word = prompt[span[0] : span[1]]
             positions = self.layout.positions(prompt, span)
             spans.append(ConceptSpan(name=concept.name, class_id=concept.class_id, word=word, char_span=span,
-                                     token_positions=positions))
+                                     token_positions=positions, phrase=noun_phrase(prompt, span)))
         if background is None:
             background = prompt
             for span in spans:

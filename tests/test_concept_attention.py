@@ -42,14 +42,15 @@ def _two_object_batch(pipe):
     """Two objects in the first sample, one in the second (its second slot padded); "zebra"
     is several T5 tokens in the tiny vocabulary."""
     layout = family_of_pipeline(pipe).text_layout(pipe.components)
-    prompts = ["a photo of a dog and a zebra in a park", "a zebra in a kitchen"]
+    prompts = ["a photo of a brown dog and a zebra in a park", "a striped zebra in a kitchen"]
 
-    def span(prompt, word, class_id):
+    def span(prompt, word, class_id, phrase):  # phrase: the noun phrase the prompt builder records
         start = prompt.index(word)
         return ConceptSpan(name=word, class_id=class_id, word=word, char_span=(start, start + len(word)),
-                           token_positions=layout.positions(prompt, (start, start + len(word))))
+                           token_positions=layout.positions(prompt, (start, start + len(word))), phrase=phrase)
 
-    spans = [[span(prompts[0], "dog", 1), span(prompts[0], "zebra", 2)], [span(prompts[1], "zebra", 2)]]
+    spans = [[span(prompts[0], "dog", 1, "brown dog"), span(prompts[0], "zebra", 2, "zebra")],
+             [span(prompts[1], "zebra", 2, "striped zebra")]]
     tokenizer = layout.segments[-1].tokenizer
     assert len(tokenizer("zebra", add_special_tokens=False).input_ids) > 1
     return {"prompt": prompts, "negative_prompt": ["", ""], "seed": [11, 12], "concepts": spans}, layout
@@ -175,17 +176,17 @@ class ReferenceConceptAttention:
         return result
 
 
-def _captured_and_reference(dit, tokens: str, variant: str):
+def _captured_and_reference(dit, tokens: str, variant: str, text: str = "word"):
     name, pipe = dit
     batch, layout = _two_object_batch(pipe)
     latent = TEST_IMAGE_SIZE // pipe.vae_scale_factor
     plain, _ = _generate_plain(name, pipe, batch, layout, lambda layer, log: DEFAULT_PROCESSORS[name]())
-    reference = ReferenceConceptAttention(pipe, [[s.word for s in spans] for spans in batch["concepts"]],
-                                          ["background"], tokens, variant)
+    concepts = [[s.phrase if text == "phrase" and s.phrase else s.word for s in spans] for spans in batch["concepts"]]
+    reference = ReferenceConceptAttention(pipe, concepts, ["background"], tokens, variant)
     reference_image, _ = _generate_plain(name, pipe, batch, layout, lambda layer, log: DEFAULT_PROCESSORS[name]())
     expected = reference.heatmaps(2, latent)
     generate = Generate(pipe, GenerationConfig(steps=STEPS, guidance_scale=5.0), CaptureConfig(
-        recipe="concept_attention", concept_tokens=tokens, concept_variant=variant))
+        recipe="concept_attention", concept_tokens=tokens, concept_variant=variant, concept_text=text))
     out = generate(batch)
     captured = generate.store.heatmaps(token_slots(batch["concepts"])[1]).numpy()
     blocks_read = len(reference.handles) - 1
@@ -203,6 +204,16 @@ def test_concept_attention_is_the_reference_codes_math(dit, tokens):
     r = np.corrcoef(captured[[0, 0, 1], [0, 1, 0]].ravel(), expected[[0, 0, 1], [0, 1, 0]].ravel())[0, 1]
     assert r >= 0.999, r
     np.testing.assert_allclose(captured, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", ["mean", "each"])
+def test_phrase_concepts_are_the_reference_math_over_the_prompts_noun_phrases(dit, tokens):
+    """concept_text: phrase: the concept stream carries "brown dog" and "striped zebra", and the
+    maps are the reference's over those texts, not the bare words' maps."""
+    name, captured, expected = _captured_and_reference(dit, tokens, "reference", "phrase")
+    np.testing.assert_allclose(captured, expected, rtol=1e-4, atol=1e-5)
+    _, words, _ = _captured_and_reference(dit, tokens, "reference", "word")
+    assert np.abs(captured - words).max() > 1e-3
 
 
 def test_the_projected_variant_is_its_own_slow_reference(dit):

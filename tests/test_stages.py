@@ -248,6 +248,44 @@ def test_a_default_background_drops_the_concept_with_its_article_and_modifiers(p
     assert _drop_dangling_joins(_drop_concept(prompt, word)) == background
 
 
+@pytest.mark.parametrize("prompt, word, phrase", [
+    ("a red circle on a striped gray background", "circle", "red circle"),
+    ("a photo of a dog in a park", "dog", "dog"),
+    ("a big red dog and a blue cat", "cat", "blue cat"),
+    ("an old-fashioned red bus in the rain", "bus", "old-fashioned red bus"),
+    ("dog on grass", "dog", "dog"),
+    ("a photo of the cute little dog", "dog", "cute little dog"),
+])
+def test_a_concepts_noun_phrase_is_the_word_with_its_modifiers(prompt, word, phrase):
+    from maskmint.stages.prompts import noun_phrase
+
+    start = prompt.index(word)
+    assert noun_phrase(prompt, (start, start + len(word))) == phrase
+
+
+@given(st.lists(st.sampled_from(["red", "big", "old-fashioned", "striped", "tiny"]), max_size=3),
+       st.sampled_from(["a photo of", "a picture taken with", "two cats and"]),
+       st.sampled_from(["dog", "zebra"]))
+def test_a_noun_phrase_keeps_every_modifier_and_no_joining_word(modifiers, lead, word):
+    from maskmint.stages.prompts import noun_phrase
+
+    prompt = " ".join([lead, "a", *modifiers, word, "in a park"])
+    start = prompt.rindex(" " + word + " ") + 1
+    assert noun_phrase(prompt, (start, start + len(word))) == " ".join([*modifiers, word])
+
+
+def test_template_prompts_record_each_concepts_noun_phrase(tokenizer):
+    config = PromptsConfig(
+        concepts=[{"name": "circle", "class_id": 1}, {"name": "square", "class_id": 2}], concepts_per_image=2,
+        templates=[{"prompt": "a {colour} {concept} and a {colour2} {concept2} on a {tone} background"}],
+        fillers={"colour": ["red"], "tone": ["gray"]},
+    )
+    builder = PromptBuilder(config, TextLayout.single(tokenizer))
+    prompt, _, _, spans = builder(0, np.random.default_rng(0))
+    assert prompt in ("a red circle and a red square on a gray background", "a red square and a red circle on a gray background")
+    assert {s.word: s.phrase for s in spans} == {"circle": "red circle", "square": "red square"}
+
+
 @given(st.lists(st.sampled_from(["red", "big", "old-fashioned", "striped", "tiny"]), max_size=3),
        st.sampled_from(["a photo of", "a picture taken with", "in the style of a drawing of"]))
 def test_no_modifier_of_the_concept_is_left_for_removal_to_draw(modifiers, lead):

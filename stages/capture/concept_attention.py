@@ -15,6 +15,9 @@ step, and those shares are averaged; the concept stream is modulated by the step
 paper's diffusers port: the outputs after their projections, summed over blocks and steps
 before one softmax, and the concepts' own pooled text in the modulation.
 
+`capture.concept_text: phrase` encodes a concept as its noun phrase in the prompt ("red circle")
+instead of the bare word, so that objects told apart by their modifiers get apart queries.
+
 `capture.concept_tokens` says how a word of several T5 tokens counts: `mean` averages its
 tokens' dot products into the word's logit, `each` lets every token compete in the softmax
 and sums the word's shares, `first` keeps only its first token (the reference code's way).
@@ -74,7 +77,8 @@ class ConceptAttentionStore:
         self.latent_hw = latent_hw
         self.objects = max(len(spans) for spans in concepts)
         background = list(self.config.background_concepts)
-        words = [[s.word for s in spans] for spans in concepts]
+        phrases = self.config.concept_text == "phrase"
+        words = [[(s.phrase or s.word) if phrases else s.word for s in spans] for spans in concepts]
         kinds = self.objects + len(background)
         unique = sorted({w for ws in words for w in ws} | set(background))
         embeds, _ = self.family.encode_text(self.pipe, self.layout, unique)
