@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     annotate_seconds = time.perf_counter() - started
     tag = (f"lr{args.lr:g}-rank{args.rank}-steps{args.steps}" + ("-coarse" if args.domain == "coarse" else "")
            + (f"-concept{args.concept_share:g}" if args.concept_share != DistillConfig().concept_share else "")
-           + ("-all" if args.layers == "all" else ""))
+           + (f"-{args.layers}" if args.layers != DistillConfig().layers else ""))
     adapter = out / f"adapter-{tag}"
     report = distill(out / "runs" / "train", adapter, DistillConfig(steps=args.steps, lr=args.lr, rank=args.rank,
                                                                     concept_share=args.concept_share,

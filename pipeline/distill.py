@@ -116,7 +116,7 @@ def adapter_targets(denoiser, family, layers: str) -> list[str]:
     return [name for name, module in denoiser.named_modules() if isinstance(module, kinds)]
 
 
-def attach_adapter(denoiser, family, rank: int, seed: int, layers: str = "attention") -> list[torch.nn.Parameter]:
+def attach_adapter(denoiser, family, rank: int, seed: int, layers: str) -> list[torch.nn.Parameter]:
     from peft import LoraConfig
 
     torch.manual_seed(seed)  # the adapter's initial weights

@@ -25,10 +25,11 @@ class DistillConfig(Section):
     batch_size: int = Field(default=3, ge=1, description="images per step (the paper's per-GPU batch)")
     lr: float = Field(default=1e-4, gt=0.0, description="AdamW learning rate (the paper's)")
     rank: int = Field(default=16, ge=1, le=512, description="LoRA rank of the adapted layers")
-    layers: Literal["attention", "all"] = Field(
-        default="attention",
-        description="attention: the attention projections; all: every linear and convolution of the denoiser, "
-        "nearer the paper's whole-UNet fine-tune",
+    layers: Literal["all", "attention"] = Field(
+        default="all",
+        description="all: every linear and convolution of the denoiser, nearer the paper's whole-UNet fine-tune "
+        "(in the toy world 3x the attention-only adapter's gain on unseen backgrounds, at 1.7x the training "
+        "time); attention: the attention projections only",
     )
     concept_share: float = Field(
         default=0.5, ge=0.0, le=1.0,

@@ -149,10 +149,10 @@ def test_resumed_training_ends_with_the_uninterrupted_weights(sd_run, tmp_path, 
     assert more["steps_done"] == 5 and len(more["loss_every_10_steps"]) == 1
 
 
-@pytest.mark.parametrize("layers", ["attention", "all"])
+@pytest.mark.parametrize("layers", [None, "attention", "all"])  # None: the documented default, every layer
 def test_the_adapter_file_round_trips_into_a_fresh_denoiser(sd_run, tiny_model_dir, tmp_path, layers):
     _, run_dir = sd_run
-    trainer = Trainer(run_dir, tmp_path / "ad", QUICK.model_copy(update={"layers": layers}))
+    trainer = Trainer(run_dir, tmp_path / "ad", QUICK if layers is None else QUICK.model_copy(update={"layers": layers}))
     trainer.train(progress=False)
     fresh = BUILDERS["sd"](seed=0, image_size=TEST_IMAGE_SIZE).unet
     fresh.load_state_dict(trainer.denoiser.state_dict(), strict=False)  # the base weights only
@@ -168,7 +168,7 @@ def test_the_adapter_file_round_trips_into_a_fresh_denoiser(sd_run, tiny_model_d
     assert not torch.allclose(off, on, atol=1e-7), "the adapter changes nothing"
     saved = load_file(tmp_path / "ad" / ADAPTER_WEIGHTS)
     assert saved and all("lora_" in name for name in saved)
-    assert any(t.ndim == 4 for t in saved.values()) == (layers == "all"), "convolutions adapted only with all"
+    assert any(t.ndim == 4 for t in saved.values()) == (layers != "attention"), "convolutions adapted only with all"
     provenance = json.loads((tmp_path / "ad" / "distill.json").read_text())
     assert provenance["family"] == "sd" and provenance["steps_done"] == 2 and provenance["run_config_hash"]
 
