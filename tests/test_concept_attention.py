@@ -181,7 +181,7 @@ def _captured_and_reference(dit, tokens: str, variant: str, text: str = "word"):
     batch, layout = _two_object_batch(pipe)
     latent = TEST_IMAGE_SIZE // pipe.vae_scale_factor
     plain, _ = _generate_plain(name, pipe, batch, layout, lambda layer, log: DEFAULT_PROCESSORS[name]())
-    concepts = [[s.phrase if text == "phrase" and s.phrase else s.word for s in spans] for spans in batch["concepts"]]
+    concepts = [[s.phrase if text == "phrase" else s.word for s in spans] for spans in batch["concepts"]]
     reference = ReferenceConceptAttention(pipe, concepts, ["background"], tokens, variant)
     reference_image, _ = _generate_plain(name, pipe, batch, layout, lambda layer, log: DEFAULT_PROCESSORS[name]())
     expected = reference.heatmaps(2, latent)
