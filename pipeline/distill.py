@@ -196,7 +196,8 @@ class Trainer:
             if rng.random() < self.options.concept_share:
                 grid = np.ones((image.shape[0] // cell, image.shape[1] // cell), bool)
             else:
-                grid, caption = background_rectangle(latent_foreground(foreground, cell), rng, self.options), background_caption
+                near = latent_foreground(foreground, cell, self.options.background_margin_px)
+                grid, caption = background_rectangle(near, rng, self.options), background_caption
             images.append(np.ascontiguousarray(image))
             masks.append(grid)
             captions.append(caption)

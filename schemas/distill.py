@@ -40,6 +40,11 @@ class DistillConfig(Section):
     rect_min_area: float = Field(default=256.0, ge=0.0, description="rectangle area at least this (latent pixels at 64 x 64)")
     rect_max_side: float = Field(default=32.0, gt=0.0, description="rectangle at most this square (latent pixels at 64 x 64)")
     rect_background: float = Field(default=2 / 3, gt=0.0, le=1.0, description="least share of background inside it")
+    background_margin_px: int = Field(
+        default=0, ge=0,
+        description="pixels around the weak mask the background task never learns from (0: the paper's cells, "
+        "background when most of their pixels are)",
+    )
     rect_tries: int = Field(default=100, ge=1, description="rectangles tried before the whole background is used")
     flip: bool = Field(default=True, description="random horizontal flips")
     guidance: float | None = Field(

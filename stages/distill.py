@@ -12,13 +12,16 @@ import numpy as np
 import torch
 
 from maskmint.schemas.distill import DistillConfig
+from maskmint.stages.masks import dilate
 
 REFERENCE_GRID = 64  # the latent side the rectangle sizes are given at (SD 1.x at 512 px)
 
 
-def latent_foreground(foreground: np.ndarray, cell: int) -> np.ndarray:
+def latent_foreground(foreground: np.ndarray, cell: int, margin_px: int = 0) -> np.ndarray:
     """A pixel mask [H, W] on the latent grid [H / cell, W / cell]: a cell is foreground
-    when more than half of its pixels are."""
+    when more than half of its pixels are within `margin_px` of the mask. A margin keeps
+    the object's edge cells, which a weak mask often misses, out of the background task."""
+    foreground = dilate(foreground.astype(bool), margin_px)
     rows, cols = foreground.shape[0] // cell, foreground.shape[1] // cell
     cells = foreground[: rows * cell, : cols * cell].reshape(rows, cell, cols, cell)
     return cells.mean(axis=(1, 3)) > 0.5

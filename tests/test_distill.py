@@ -48,6 +48,15 @@ def test_latent_foreground_is_a_majority_of_each_cell():
     assert latent_foreground(pixels, 4).tolist() == [[True, False], [False, False]]
 
 
+@pytest.mark.parametrize("margin, cells", [(0, [[False, False], [False, False]]), (1, [[True, True], [False, False]]),
+                                           (3, [[True, True], [False, False]]), (7, [[True, True], [True, True]])])
+def test_a_background_margin_keeps_the_cells_beside_the_mask_out_of_the_background(margin, cells):
+    pixels = np.zeros((8, 8), bool)
+    pixels[0:2] = True  # half of each top cell: background at no margin
+    # margin 1 reaches row 2 (12 of 16 top pixels), 3 reaches row 4 (4 of 16 bottom), 7 all
+    assert latent_foreground(pixels, 4, margin).tolist() == cells
+
+
 def check_rectangle(region, foreground, config):
     background = ~foreground
     assert not (region & foreground).any(), "a loss pixel on the object"
@@ -121,6 +130,31 @@ def sd_run(tmp_path_factory, tiny_model_dir):
 
 def lora_tensors(out):
     return torch.load(out / CHECKPOINT, weights_only=False)["lora"]
+
+
+def test_background_steps_learn_no_cell_within_the_margin_of_the_weak_mask(sd_run, tmp_path):
+    """Every background step's loss cells lie outside the margin, by a distance transform
+    of each image's own weak mask; without a margin the same steps do learn such cells."""
+    from scipy import ndimage
+
+    _, run_dir = sd_run
+    reached, learnt = {}, {}
+    for margin in (0, 2):
+        options = QUICK.model_copy(update={"concept_share": 0.0, "flip": False, "background_margin_px": margin})
+        trainer = Trainer(run_dir, tmp_path / f"margin{margin}", options)
+        cell = trainer.pipe.vae_scale_factor
+        learnt_near = learnt[margin] = 0
+        for step in range(4):
+            _, masks, _ = trainer.batch(step)
+            for j, mask in enumerate(masks.numpy()):
+                foreground = trainer.samples.at(step * options.batch_size + j)[1]
+                learnt[margin] += int(mask.sum())
+                within = ndimage.distance_transform_edt(~foreground) <= 1  # wholly inside a 2 px margin
+                h, w = mask.shape
+                near = within[: h * cell, : w * cell].reshape(h, cell, w, cell).all(axis=(1, 3))
+                learnt_near += int((mask & near).sum())
+        reached[margin] = learnt_near
+    assert reached[2] == 0 and reached[0] > 0 and learnt[2] > 0, (reached, learnt)
 
 
 def test_resumed_training_ends_with_the_uninterrupted_weights(sd_run, tmp_path, monkeypatch):
