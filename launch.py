@@ -208,11 +208,22 @@ def command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def distill_flag_error(error, options) -> str:
+    """The options' problems, each naming the flag the user typed (`--rect-min-side`)."""
+    import re
+
+    from maskmint.schemas.base import format_error
+
+    text = format_error(error).removeprefix("config: ")
+    for name in sorted(options.model_fields, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w-]){name}\b", "--" + name.replace("_", "-"), text)
+    return f"distill {text}"
+
+
 def command_distill(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from maskmint.pipeline.distill import distill
-    from maskmint.schemas.base import format_error
     from maskmint.schemas.config import ConfigError
     from maskmint.schemas.distill import DistillConfig
 
@@ -220,7 +231,7 @@ def command_distill(args: argparse.Namespace) -> int:
     try:
         options = DistillConfig.model_validate(given)
     except ValidationError as error:
-        raise ConfigError(format_error(error, prefix="distill --")) from None
+        raise ConfigError(distill_flag_error(error, DistillConfig)) from None
     report = distill(args.dir, args.out, options, progress=not args.quiet, device=args.device)
     print(f"{args.out}: adapter after {report['steps_done']} steps on {report['samples']} samples "
           f"({report['train_seconds']:.0f} s, final loss {report['final_loss']:.4f}); use it with removal.adapter")

@@ -249,7 +249,17 @@ def test_bad_runs_are_refused_in_one_line(sd_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "partial (1 of 2 shards)" in err and len(err.strip().splitlines()) == 1
     assert launch.main(["distill", str(run_dir), "--out", str(tmp_path / "c"), "--rect-min-side", "40"]) == launch.USER_ERROR
-    assert "rect_min_side must be below rect_max_side" in capsys.readouterr().err
+    assert "error: distill --rect-min-side must be below --rect-max-side\n" == capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--background-margin-px", "-1"), ("--concept-share", "2"), ("--lr", "0"),
+                                         ("--rect-background", "0"), ("--steps", "0")])
+def test_a_bad_distill_flag_is_named_as_typed(sd_run, tmp_path, capsys, flag, value):
+    _, run_dir = sd_run
+    assert launch.main(["distill", str(run_dir), "--out", str(tmp_path / "a"), flag, value]) == launch.USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: distill {flag}: ") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "a").exists()
 
 
 def test_another_runs_checkpoint_is_not_continued(sd_run, tmp_path, capsys):
