@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -210,8 +211,6 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 def distill_flag_error(error, options) -> str:
     """The options' problems, each naming the flag the user typed (`--rect-min-side`)."""
-    import re
-
     from maskmint.schemas.base import format_error
 
     text = format_error(error).removeprefix("config: ")

@@ -10,9 +10,8 @@
 3. Annotates both held-out splits with and without `removal.adapter`, and scores each
    against the exact scene: the removed background's mean RGB error inside the objects,
    the object colour left there (any object colour, and the object's own), and the weak
-   and final foreground IoU (the final mask's
-   255 band left out of both, as bench.quality scores it; `final_iou_band_as_background`
-   counts it as background instead).
+   and final foreground IoU (the final mask's 255 band left out of both, as bench.quality
+   scores it; `final_iou_band_as_background` counts it as background instead).
 
 Writes OUT/distill-toy-TAG.json (TAG: lr, rank, steps); `--json PATH` copies it (bench/distill-toy.json).
 """
@@ -72,7 +71,13 @@ def annotate(lines: Path, count: int, out: Path, adapter: Path | None = None) ->
     run(parse_config(copy.deepcopy(data)), out, show_progress=False)
 
 
-def vae_floor(split: Path, vae) -> dict:
+def toy_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(REPO / "assets" / "tiny-sd", subfolder="vae").eval()
+
+
+def vae_round_trip(split: Path, vae) -> dict:
     """What no removal through this VAE can beat, inside the objects: the exact background's
     mean RGB error after a VAE round trip, and the object-coloured pixels that round trip
     already makes (a checkerboard's edges come back tinted)."""
@@ -135,12 +140,10 @@ def training_flops(run_dir: Path, scratch: Path) -> dict:
 
 def rescore(out: Path) -> dict:
     """Scores of every held-out run under OUT/runs, and each split's VAE round trip."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(REPO / "assets" / "tiny-sd", subfolder="vae").eval()
+    vae = toy_vae()
     results = {}
     for name in ("unseen", "shipped"):
-        results[f"{name}_vae_round_trip"] = vae_floor(out / "data" / name, vae)
+        results[f"{name}_vae_round_trip"] = vae_round_trip(out / "data" / name, vae)
         for run_dir in sorted((out / "runs").glob(f"{name}-*")):
             results[run_dir.name] = score(run_dir, out / "data" / name)
     return results
@@ -200,12 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                "annotate_train_seconds": round(annotate_seconds, 1),
                "train_seconds_per_1000_images_seen": round(report["train_seconds"] * 1000 /
                                                            (report["steps_done"] * report["options"]["batch_size"]), 1)}
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(REPO / "assets" / "tiny-sd", subfolder="vae").eval()
+    vae = toy_vae()
     results["domain"] = args.domain
     for name in ("unseen", "shipped"):
-        results[f"{name}_vae_round_trip"] = vae_floor(splits[name].parent, vae)
+        results[f"{name}_vae_round_trip"] = vae_round_trip(splits[name].parent, vae)
         for label, used in (("without", None), ("with", adapter)):
             run_dir = out / "runs" / (f"{name}-without" if used is None else f"{name}-with-{tag}")
             annotate(splits[name], args.test, run_dir, used)
