@@ -21,7 +21,9 @@ steps and dtype it times, alternating the variants every round so drift hits all
      encode, write (ShardWorker.run_shard on shards of two mini-batches)
   e  (--annotate) the same chain in annotate mode: toy-world renders written as files and
      read back, annotated with the family's default noise settings (or --annotate-steps /
-     --annotate-strength) at guidance 1, then removed, refined and written like d
+     --annotate-strength) at guidance 1, then removed, refined and written like d; its
+     fresh-noise levels stacked --annotate-steps-per-call to a denoiser call
+  f  (--annotate) e with one level a call, the loop diffusers' own pipeline would run
 
 and reports samples/s (medians over --repeats rounds after one warm-up round), c/a and
 d/(a+b) (time of a plus b per sample over time of d), peak device memory of a vs c
@@ -123,21 +125,23 @@ class Bench:
         self.mask = mask
         self.images = None
         self.next_shard = 0
-        self.annotate_plan = self.annotate_config = None
-        if args.annotate:
-            self.annotate_plan, self.annotate_config = self.annotated(args)
+        self.annotated_runs = self.annotated(args) if args.annotate else {}
 
-    def annotated(self, args):
-        """The plan and config of variant e: the same run, its samples reading rendered images."""
+    def annotated(self, args) -> dict:
+        """The plans and configs of variants e and f: the same run, its samples reading rendered images."""
         from bench.annotate_demo import write_scenes
         from maskmint.pipeline.plan import Plan
 
         write_scenes(Path(self.scratch.name) / "renders", 4 * args.batch, 11, [1])
         data = self.config.model_dump(mode="json")
         data["prompts"]["file"] = str(Path(self.scratch.name) / "renders" / "lines.jsonl")
-        data["annotate"] = {"steps": args.annotate_steps, "strength": args.annotate_strength}
-        config = RunConfig.model_validate(data)
-        return Plan(config, self.layout), config
+        runs = {}
+        for variant, per_call in (("e", args.annotate_steps_per_call), ("f", 1)):
+            data["annotate"] = {"steps": args.annotate_steps, "strength": args.annotate_strength,
+                                **({"steps_per_call": per_call} if per_call else {})}
+            config = RunConfig.model_validate(data)
+            runs[variant] = Plan(config, self.layout), config
+        return runs
 
     @property
     def denoiser(self):
@@ -188,15 +192,18 @@ class Bench:
             pass
         self.next_shard += 1
 
-    def run_e(self) -> None:
+    def run_e(self, variant: str = "e") -> None:
         minted = self.worker.plan, self.worker.config
-        self.worker.plan, self.worker.config = self.annotate_plan, self.annotate_config
+        self.worker.plan, self.worker.config = self.annotated_runs[variant]
         try:
             for _ in self.worker.run_shard(self.next_shard % 2):  # the renders cycle
                 pass
         finally:
             self.worker.plan, self.worker.config = minted
         self.next_shard += 1
+
+    def run_f(self) -> None:
+        self.run_e("f")
 
     def timed(self, variant: str) -> float:
         sync(self.device)
@@ -271,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--annotate", action="store_true", help="also time variant e, annotate mode's whole chain")
     parser.add_argument("--annotate-steps", type=int, default=None, help="annotate.steps (default: the family's)")
     parser.add_argument("--annotate-strength", type=float, default=None, help="annotate.strength (default: the family's)")
+    parser.add_argument("--annotate-steps-per-call", type=int, default=None,
+                        help="annotate.steps_per_call of variant e (default: the config's); f runs one")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="model.quantize: int8 weights for the denoiser and T5 (optimum-quanto), every variant")
     parser.add_argument("--offload", choices=["model", "sequential"], default=None,
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     bench = Bench(args)
-    variants = ["a", "b", "c", "d"] + (["e"] if args.annotate else [])
+    variants = ["a", "b", "c", "d"] + (["e", "f"] if args.annotate else [])
     times: dict[str, list[float]] = {v: [] for v in variants}
     for round_ in range(args.repeats + 1):
         for variant in variants:
@@ -292,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             if round_:  # round 0 warms up
                 times[variant].append(seconds)
     per_sample = {
-        v: statistics.median(t) / (2 * args.batch if v in "de" else args.batch) for v, t in times.items()
+        v: statistics.median(t) / (2 * args.batch if v in "def" else args.batch) for v, t in times.items()
     }
     rates = {v: 1.0 / s for v, s in per_sample.items()}
     # a short and a long generation: the capture must hold the same after both (the short one
@@ -312,8 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         "c_over_a": per_sample["a"] / per_sample["c"],
         "d_over_a_plus_b": (per_sample["a"] + per_sample["b"]) / per_sample["d"],
         "e_over_d": per_sample["d"] / per_sample["e"] if args.annotate else None,
+        "f_over_d": per_sample["d"] / per_sample["f"] if args.annotate else None,
+        "e_over_f": per_sample["f"] / per_sample["e"] if args.annotate else None,
         "annotate": {"steps": args.annotate_steps or bench.family.annotate_steps,
-                     "strength": args.annotate_strength or bench.family.annotate_strength} if args.annotate else None,
+                     "strength": args.annotate_strength or bench.family.annotate_strength,
+                     "steps_per_call": bench.annotated_runs["e"][1].annotate.steps_per_call} if args.annotate else None,
         "peak_memory_a": bench.peak_memory("a"), "peak_memory_c": bench.peak_memory("c"),
         "capture_short_steps": short, "capture_bytes_short": capture_short, "capture_bytes_50_steps": capture_50,
         "peak_memory_c_short": peak_short, "peak_memory_c_50_steps": peak_50,
@@ -326,11 +338,12 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {args.batch}, {args.steps}+{args.steps} steps, median of {args.repeats}")
     print("| variant | samples/s |\n|---|---|")
     names = {"a": "a plain generation", "b": "b plain inpainting", "c": "c generate + capture", "d": "d whole chain",
-             "e": "e whole chain, annotate mode"}
+             "e": "e whole chain, annotate mode", "f": "f annotate mode, one level a call"}
     for v in variants:
         print(f"| {names[v]} | {rates[v]:.3f} |")
     print(f"c/a = {result['c_over_a']:.3f}   d/(a+b) = {result['d_over_a_plus_b']:.3f}"
-          + (f"   e/d = {result['e_over_d']:.3f} (annotate {result['annotate']})" if args.annotate else ""))
+          + (f"   e/d = {result['e_over_d']:.3f}   f/d = {result['f_over_d']:.3f}   e/f = {result['e_over_f']:.3f}"
+             f" (annotate {result['annotate']})" if args.annotate else ""))
     print(f"capture holds {capture_short} bytes after {short} steps, {capture_50} after {long}")
     if result["peak_memory_a"] is not None:
         print(f"peak memory a {result['peak_memory_a'] / 2**30:.2f} GiB, c {result['peak_memory_c'] / 2**30:.2f} GiB, "

@@ -100,7 +100,8 @@ def flops_per_triple(config: RunConfig) -> dict[str, float]:
     # classifier-free guidance doubles the batch; a guidance-distilled family has none
     guided = family.takes_negative_prompt
     generation_batch = 2 if guided and generation.guidance_scale > 1 else 1
-    annotate_batch = 2 if guided and annotate.guidance_scale > 1 else 1
+    # with fresh noise annotate discards each prediction, so it never runs the unconditional batch
+    annotate_batch = 2 if guided and annotate.guidance_scale > 1 and not annotate.fresh_noise else 1
     removal_batch = 2 if guided and removal.guidance_scale > 1 else 1
     removal_steps = min(int(removal.steps * removal.strength), removal.steps)
     annotate_steps_total = annotate.steps or family.annotate_steps

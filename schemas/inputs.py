@@ -63,6 +63,12 @@ class AnnotateConfig(Section):
     fresh_noise: bool = Field(
         default=True, description="each step starts from the clean latent noised afresh to its level, not from the last step"
     )
+    steps_per_call: int = Field(
+        default=2, ge=1, le=1000,
+        description="with fresh_noise the levels are independent: this many share one denoiser call, the batch "
+        "stacked once per level (fewer, larger calls; activation memory grows with it; 2 is the rows of a "
+        "guided generation call)",
+    )
     fit: Literal["crop", "pad", "stretch"] = Field(
         default="crop", description="to the model's size: crop (cover, centred), pad (fit, black borders) or stretch"
     )

@@ -3,14 +3,17 @@
 The image is read (EXIF rotation applied; palette, alpha, CMYK, grey and 16-bit converted to
 8-bit RGB), fitted to the model's size, and VAE-encoded through its family. Its clean latent
 is noised to a level of the schedule and denoised with the caption by the family's
-image-to-image pipeline while the capture store reads attention; with `fresh_noise` each
-step starts again from the clean latent noised afresh to that step's level (the
-concept-distillation recipe), so every step reads the image, not the previous step's guess.
-The stored image is the input as fitted; removal starts from its clean latent.
+image-to-image pipeline while the capture store reads attention. With `fresh_noise` (the
+concept-distillation recipe) each level of that schedule starts again from the clean latent
+noised afresh, so every denoiser call reads the image, not the previous step's guess; the
+levels are then independent, and `steps_per_call` of them share one denoiser call (the
+batch stacked once per level), which saves the fixed cost of the calls. The stored image is
+the input as fitted; removal starts from its clean latent.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import warnings
@@ -153,6 +156,26 @@ def decode_image(data: bytes, height: int, width: int, config: AnnotateConfig):
     return fit(as_rgb(image), height, width, config.fit), None, (upright[1], upright[0])
 
 
+class _Scheduled(Exception):
+    """Stops the image-to-image pipeline at its first denoiser call: its schedule is set by then."""
+
+
+def _stop_at_first_call(module, args, kwargs):
+    raise _Scheduled
+
+
+def scheduler_at(scheduler, index: int):
+    """A copy of the running schedule that noises and scales at its level `index`. Euler-type
+    and flow-matching schedulers keep the step they are at and read their sigma from it (the
+    schedule was read at the first level, so that step is cleared); stateless ones (DDIM,
+    PNDM) go by the timestep alone."""
+    at = copy.deepcopy(scheduler)
+    if hasattr(at, "set_begin_index"):
+        at._step_index = None  # diffusers has no public reset short of set_timesteps
+        at.set_begin_index(index)
+    return at
+
+
 class Annotate:
     """Batch stage: `image_path` -> `image`, `heatmap`, `finite`, `latents` as generate gives
     them, plus `source_drop` (a reason, or None) and `source` (path and digest)."""
@@ -165,6 +188,8 @@ class Annotate:
         self.config = config
         self.steps = config.steps or family.annotate_steps
         self.strength = config.strength or family.annotate_strength
+        self.capture = capture
+        self._schedule = None
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
         """uint8 NHWC -> the VAE's mean latents (unscaled), in the denoiser's dtype."""
@@ -192,21 +217,20 @@ class Annotate:
         generators = [torch.Generator(device).manual_seed(int(seed)) for seed in batch["seed"]]
         index, weights = token_slots(batch["concepts"])
         latent_hw = (self.height // self.pipe.vae_scale_factor, self.width // self.pipe.vae_scale_factor)
+        scaled = self.family.scaled_latents(self.pipe, encoded)
+        prompts = self.family.prompt_kwargs(self.layout, list(batch["prompt"]), list(batch["negative_prompt"]))
+        schedule = self.schedule(prompts, self.image_input(images, scaled)) if self.config.fresh_noise else None
         self.store.begin(batch["concepts"], index.to(device), latent_hw)
         try:
-            self.image_to_image(
-                **self.family.prompt_kwargs(self.layout, list(batch["prompt"]), list(batch["negative_prompt"])),
-                image=self.image_input(images, self.family.scaled_latents(self.pipe, encoded)),
-                strength=self.strength,
-                num_inference_steps=self.steps,
-                guidance_scale=self.config.guidance_scale,
-                height=self.height,
-                width=self.width,
-                generator=generators,
-                output_type="latent",
-                callback_on_step_end=self._on_step_end(clean, generators),
-                callback_on_step_end_tensor_inputs=["latents"],
-            )
+            if schedule is not None:
+                self.read_fresh_levels(list(batch["prompt"]), scaled, generators, *schedule)
+            else:
+                self.image_to_image(
+                    **prompts, image=self.image_input(images, scaled), strength=self.strength,
+                    num_inference_steps=self.steps, guidance_scale=self.config.guidance_scale,
+                    height=self.height, width=self.width, generator=generators, output_type="latent",
+                    callback_on_step_end=self.store.on_step_end,
+                )
             heat = self.store.heatmaps(weights.to(device))
         finally:
             self.store.end()
@@ -222,17 +246,54 @@ class Annotate:
                        for path, source in zip(batch["image_path"], read)],
         }
 
-    def _on_step_end(self, clean: torch.Tensor, generators: list[torch.Generator]):
-        def on_step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-            callback_kwargs = self.store.on_step_end(pipe, step, timestep, callback_kwargs)
-            if self.config.fresh_noise:
-                schedule = pipe.scheduler.timesteps
-                found = (schedule == timestep).nonzero()
-                at = int(found[0, 0]) if len(found) else None
-                if at is not None and at + 1 < len(schedule):
-                    noise = torch.stack([torch.randn(clean.shape[1:], generator=g, device=clean.device, dtype=clean.dtype)
-                                         for g in generators])
-                    callback_kwargs["latents"] = self.family.renoise(pipe, clean, noise, schedule[at + 1 : at + 2])
-            return callback_kwargs
+    def schedule(self, prompts: dict, image) -> tuple:
+        """(the scheduler as the image-to-image pipeline set it up, the timesteps its loop runs):
+        the pipeline's own schedule (its shift, strength and begin index), read once by starting
+        it on one image and stopping it at its first denoiser call."""
+        if self._schedule is None:
+            one = {k: v[:1] if isinstance(v, list) else v for k, v in prompts.items()}
+            hook = self.family.denoiser(self.image_to_image).register_forward_pre_hook(_stop_at_first_call, with_kwargs=True)
+            try:
+                self.image_to_image(**one, image=image[:1], strength=self.strength, num_inference_steps=self.steps,
+                                    guidance_scale=1.0, height=self.height, width=self.width, output_type="latent")
+            except _Scheduled:
+                pass
+            else:
+                raise RuntimeError("annotate: the image-to-image pipeline made no denoiser call")
+            finally:
+                hook.remove()
+            scheduler = copy.deepcopy(self.image_to_image.scheduler)
+            start = getattr(scheduler, "begin_index", None)
+            if start is None:  # a stateless scheduler (DDIM, PNDM): the pipelines' own rule for where strength starts
+                start = (self.steps - min(int(self.steps * self.strength), self.steps)) * scheduler.order
+            self._schedule = scheduler, start, scheduler.timesteps[start:]
+        return self._schedule
 
-        return on_step_end
+    def read_fresh_levels(self, prompts: list[str], clean: torch.Tensor, generators: list[torch.Generator],
+                          scheduler, start: int, levels: torch.Tensor) -> None:
+        """The denoiser reads the clean latents [B, C, h, w] noised afresh to every level of the
+        schedule (those `capture.steps` names), `steps_per_call` levels a call. Each sample draws
+        one noise per level, in level order, from its own generator, as the pipeline's loop
+        would; what the denoiser predicts is not used."""
+        batch = len(prompts)
+        noise = [torch.stack([torch.randn(clean.shape[1:], generator=g, device=clean.device, dtype=clean.dtype)
+                              for g in generators]) for _ in levels]
+        read = [k for k in range(len(levels)) if self.capture.steps is None or k in self.capture.steps]
+        states, pooled = self.family.encode_text(self.pipe, self.layout, prompts)
+        per_call = self.config.steps_per_call
+        for first in range(0, len(read), per_call):
+            chunk = read[first : first + per_call]
+            inputs = []
+            for k in chunk:
+                at = scheduler_at(scheduler, start + k)
+                timestep = levels[k : k + 1]
+                inputs.append(self.family.model_input(at, self.family.renoise(at, clean, noise[k], timestep), timestep))
+            self.store.on_step_end(self.pipe, chunk[0] - 1, None, {})  # the next call reads step chunk[0]
+            self.store.stack(len(chunk))
+            repeat = len(chunk)
+            self.family.predict(
+                self.pipe, torch.cat(inputs), levels[chunk].repeat_interleave(batch).to(clean.device),
+                states.repeat(repeat, *[1] * (states.ndim - 1)),
+                None if pooled is None else pooled.repeat(repeat, *[1] * (pooled.ndim - 1)),
+                self.config.guidance_scale,
+            )

@@ -35,6 +35,7 @@ def _run_cli(capsys, config_path, out):
         (lambda d: d["generation"].update(height=30), "generation.height", "multiple of 8"),
         (lambda d: d["prompts"]["concepts"][1].update(class_id=1), "prompts", "class_id values must be unique"),
         (lambda d: d["prompts"]["concepts"][0].update(class_id=255), "class_id", "less than or equal to 254"),
+        (lambda d: d.update(annotate={"steps_per_call": 0}), "annotate.steps_per_call", "greater than or equal to 1"),
     ],
 )
 def test_config_errors_are_one_clear_line(capsys, config_dict, write_config, tmp_path, mutate, field, words):

@@ -36,7 +36,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from maskmint.schemas.config import CaptureConfig
 from maskmint.schemas.records import ConceptSpan
-from maskmint.stages.capture.store import StepGate, as_grid, tensor_bytes, upsample
+from maskmint.stages.capture.store import StepGate, as_grid, fold, tensor_bytes, upsample
 
 
 def word_token_positions(layout, word: str) -> list[int]:
@@ -64,6 +64,7 @@ class ConceptAttentionStore:
         self.initial: torch.Tensor | None = None
         self.state = self._image_vectors = None
         self.terms = 0
+        self.copies = 1
         self.transformer.register_forward_pre_hook(self._on_transformer, with_kwargs=True)
         for index, block in enumerate(self.blocks):
             block.attn.to_out[0].register_forward_pre_hook(self._keep_image_vectors)
@@ -106,8 +107,11 @@ class ConceptAttentionStore:
         else:
             _, self.pooled = self.family.encode_text(self.pipe, self.layout, [" ".join(ws + background) for ws in words])
         self.initial = self.transformer.context_embedder(tokens)
-        self.sums, self.terms = None, 0
+        self.sums, self.terms, self.copies = None, 0, 1
         self.gate.start()
+
+    def stack(self, copies: int) -> None:
+        self.copies = copies
 
     def end(self) -> None:
         self.gate.stop()
@@ -120,13 +124,14 @@ class ConceptAttentionStore:
         self.state = None
         if not self.gate.active:
             return None
-        batch = self.initial.shape[0]
+        copies = self.copies
+        rows = self.initial.shape[0] * copies
         guidance = kwargs.get("guidance")
         self.temb = self.family.time_embedding(
-            self.transformer, kwargs["timestep"][-batch:].to(self.initial.dtype), self.pooled,
-            None if guidance is None else guidance[-batch:].to(self.initial.dtype),
+            self.transformer, kwargs["timestep"][-rows:].to(self.initial.dtype), self.pooled.repeat(copies, 1),
+            None if guidance is None else guidance[-rows:].to(self.initial.dtype),
         )
-        self.state = self.initial
+        self.state = self.initial.repeat(copies, 1, 1)
         return None
 
     def _keep_image_vectors(self, projection, args):
@@ -164,18 +169,19 @@ class ConceptAttentionStore:
             tokens = image_key.shape[2]
             image_key = apply_rotary_emb(image_key, tuple(r[-tokens:] for r in rotary), sequence_dim=2)
         key, value = torch.cat([concept_key, image_key], 2), torch.cat([concept_value, image_value], 2)
-        keep = torch.cat([self.valid_slot, torch.ones(batch, image_key.shape[2], dtype=torch.bool, device=key.device)], 1)
+        keep = torch.cat([self.valid_slot.repeat(self.copies, 1), torch.ones(batch, image_key.shape[2], dtype=torch.bool, device=key.device)], 1)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep[:, None, None, :])
         concept_pre = out.transpose(1, 2).flatten(2).to(query.dtype)
         if self.gate.active and index in self.read:
             if self.reference:
                 dots = torch.einsum("bsd,bnd->bsn", concept_pre.float(), self._image_vectors[-batch:].float())
-                shares = self._shares(dots)
+                shares = fold(self._shares(dots, self.copies), self.copies)
                 self.sums = shares if self.sums is None else self.sums.add_(shares)
             else:
                 dots = torch.einsum("bsd,bnd->bsn", attn.to_add_out(concept_pre).float(), output[0][-batch:].float())
+                dots = fold(dots, self.copies)
                 self.sums = dots if self.sums is None else self.sums.add_(dots)
-            self.terms += 1
+            self.terms += self.copies
         if last:
             self.state = None
             return
@@ -184,13 +190,14 @@ class ConceptAttentionStore:
         normed = block.norm2_context(state) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         self.state = state + gate_mlp.unsqueeze(1) * block.ff_context(normed)
 
-    def _shares(self, dots: torch.Tensor) -> torch.Tensor:
-        """[B, S, N] slot logits -> [B, K, N]: each concept's share of every image token."""
+    def _shares(self, dots: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """[B (x copies), S, N] slot logits -> [same rows, K, N]: each concept's share of every image token."""
+        owner = self.owner.repeat(copies, 1, 1)
         if self.config.concept_tokens == "each":
-            probs = dots.masked_fill(~self.valid_slot[..., None], float("-inf")).softmax(dim=1)
-            return torch.einsum("bsk,bsn->bkn", self.owner, probs)
-        logits = torch.einsum("bsk,bsn->bkn", self.owner, dots) / self.owner.sum(1).clamp(min=1)[..., None]
-        return logits.masked_fill(~self.valid[..., None], float("-inf")).softmax(dim=1)
+            probs = dots.masked_fill(~self.valid_slot.repeat(copies, 1)[..., None], float("-inf")).softmax(dim=1)
+            return torch.einsum("bsk,bsn->bkn", owner, probs)
+        logits = torch.einsum("bsk,bsn->bkn", owner, dots) / owner.sum(1).clamp(min=1)[..., None]
+        return logits.masked_fill(~self.valid.repeat(copies, 1)[..., None], float("-inf")).softmax(dim=1)
 
     def held_bytes(self) -> int:
         """The map accumulator and the concept tokens: constant in the number of steps."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from maskmint.schemas.config import CaptureConfig
-from maskmint.stages.capture.store import StepGate, as_grid, downscale_of, tensor_bytes, upsample
+from maskmint.stages.capture.store import StepGate, as_grid, downscale_of, fold, tensor_bytes, upsample
 
 QUERY_CHUNK_ELEMENTS = 1 << 26  # fp32 scores held at once by `add` (256 MiB)
 
@@ -34,13 +34,18 @@ class CrossAttentionStore:
         self.latent_hw: tuple[int, int] = (0, 0)
         self.affinity: torch.Tensor | None = None  # [B, N, N]: head-mean self-attention, summed
         self.affinity_terms = 0
+        self.copies = 1
 
     def begin(self, concepts, token_index: torch.Tensor, latent_hw: tuple[int, int]) -> None:
         self.sums = {}
         self.affinity, self.affinity_terms = None, 0
         self.token_index = token_index
         self.latent_hw = latent_hw
+        self.copies = 1
         self.gate.start()
+
+    def stack(self, copies: int) -> None:
+        self.copies = copies
 
     def end(self) -> None:
         self.gate.stop()
@@ -63,21 +68,24 @@ class CrossAttentionStore:
         return downscale_of(self.latent_hw, query_tokens) == self.config.self_attention_downscale
 
     def add_self(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
-        """query, key [2B or B, heads, N, d] of a self-attention layer: add the conditional
-        half's head-mean attention probabilities."""
-        batch = self.token_index.shape[0]
-        query, key = query[-batch:], key[-batch:]
+        """query, key [2B or B (x copies), heads, N, d] of a self-attention layer: add the
+        conditional half's head-mean attention probabilities."""
+        rows = self.token_index.shape[0] * self.copies
+        query, key = query[-rows:], key[-rows:]
         probs = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale).softmax(dim=-1).mean(dim=1)
+        probs = fold(probs, self.copies)
         if self.affinity is None:
             self.affinity = probs
         else:
             self.affinity.add_(probs)
-        self.affinity_terms += 1
+        self.affinity_terms += self.copies
 
     def add(self, layer: str, query: torch.Tensor, key: torch.Tensor, scale: float, text_start: int = 0) -> None:
-        """query [2B or B, heads, N, d] (image tokens), key [2B or B, heads, L, d] (every key the
-        softmax runs over; the text tokens from `text_start`): add this step's concept probabilities."""
-        batch = self.token_index.shape[0]
+        """query [2B or B (x copies), heads, N, d] (image tokens), key [same rows, heads, L, d]
+        (every key the softmax runs over; the text tokens from `text_start`): add this call's
+        concept probabilities."""
+        token_index = self.token_index.repeat(self.copies, 1)
+        batch = token_index.shape[0]
         query, key = query[-batch:], key[-batch:]  # the conditional half comes last
         heads, tokens = query.shape[1], query.shape[2]
         # bounded memory: the full score matrix of a large joint layer would not fit at once
@@ -86,9 +94,9 @@ class CrossAttentionStore:
         for start in range(0, tokens, rows):
             scores = torch.matmul(query[:, :, start : start + rows], key.transpose(-1, -2)).float().mul_(scale)
             log_norm = torch.logsumexp(scores, dim=-1, keepdim=True)
-            index = (self.token_index + text_start)[:, None, None, :].expand(batch, heads, scores.shape[2], -1)
+            index = (token_index + text_start)[:, None, None, :].expand(batch, heads, scores.shape[2], -1)
             parts.append(scores.gather(-1, index).sub_(log_norm).exp_())
-        probs = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        probs = fold(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2), self.copies)
         if layer in self.sums:
             self.sums[layer].add_(probs)
         else:

@@ -23,6 +23,11 @@ class CaptureStore(Protocol):
     def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         """diffusers' callback_on_step_end."""
 
+    def stack(self, copies: int) -> None:
+        """The next denoiser calls carry `copies` noise levels of the batch, stacked level-major
+        (annotate with fresh noise: its levels are independent); each is read and folded into
+        the batch's own accumulators. `begin` resets it to 1."""
+
     def end(self) -> None: ...
 
     def heatmaps(self, token_weights: torch.Tensor) -> torch.Tensor:
@@ -77,6 +82,11 @@ def as_grid(values: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
 def upsample(grid: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """[B, K, r, c] -> [B, K, h, w], bicubic and clamped at 0 (bicubic overshoots below)."""
     return F.interpolate(grid, size=latent_hw, mode="bicubic", align_corners=False).clamp_(min=0)
+
+
+def fold(values: torch.Tensor, copies: int) -> torch.Tensor:
+    """[copies x B, ...] stacked level-major -> [B, ...], the levels summed."""
+    return values if copies == 1 else values.unflatten(0, (copies, -1)).sum(0)
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:

@@ -112,10 +112,14 @@ class Family:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def renoise(self, pipe, clean, noise, timestep):
-        """The clean latents noised to the level of `timestep` (a [1] tensor from the schedule
-        the pipeline is running), as its scheduler noises."""
+    def renoise(self, scheduler, clean, noise, timestep):
+        """The clean latents noised to the level of `timestep` (a [1] tensor of the schedule
+        `scheduler` is running, at that step), as the image-to-image pipeline noises."""
         raise NotImplementedError
+
+    def model_input(self, scheduler, latents, timestep):
+        """The latents as the pipeline hands them to the denoiser at `timestep`."""
+        return latents
 
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_component)

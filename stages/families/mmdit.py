@@ -33,10 +33,10 @@ class MMDiTFamily(Family):
     annotate_steps: ClassVar[int] = 4
     annotate_strength: ClassVar[float] = 0.5
 
-    def renoise(self, pipe, clean, noise, timestep):
+    def renoise(self, scheduler, clean, noise, timestep):
         # flow matching: the pipeline has set the scheduler's begin index, so the level is
         # that of its current step (the next one, at a step's end)
-        return pipe.scheduler.scale_noise(clean, timestep, noise)
+        return scheduler.scale_noise(clean, timestep, noise)
 
     def training_example(self, pipe, clean, noise, uniform):
         """Rectified flow: a uniform noise level s, the latents (1 - s) x + s noise, the

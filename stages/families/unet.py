@@ -24,8 +24,11 @@ class UNetFamily(Family):
     annotate_steps: ClassVar[int] = 50
     annotate_strength: ClassVar[float] = 0.8
 
-    def renoise(self, pipe, clean, noise, timestep):
-        return pipe.scheduler.add_noise(clean, noise, timestep)
+    def renoise(self, scheduler, clean, noise, timestep):
+        return scheduler.add_noise(clean, noise, timestep)
+
+    def model_input(self, scheduler, latents, timestep):
+        return scheduler.scale_model_input(latents, timestep)  # Euler-type schedulers divide by their sigma
 
     def encode_text(self, pipe, layout, texts: list[str]):
         out = pipe.encode_prompt(prompt=texts, device=execution_device(pipe), num_images_per_prompt=1,
