@@ -110,7 +110,7 @@ def test_multi_config_on_the_shipped_model_beats_chance(objects, least):
 
 # heat AUC, weak IoU, final IoU of configs/toy-flux.yaml, one shape per image, run seed 7, 8
 # samples, per recipe (bench/RESULTS.md); the test holds each to 0.05 below
-TOY_FLUX_FIGURES = {"cross": (0.997, 0.843, 1.000), "concept_attention": (0.993, 0.493, 1.000)}
+TOY_FLUX_FIGURES = {"cross": (0.997, 0.805, 1.000), "concept_attention": (0.986, 0.492, 1.000)}
 
 
 @pytest.mark.parametrize("recipe", sorted(TOY_FLUX_FIGURES))
@@ -137,16 +137,27 @@ def test_toy_flux_config_on_its_shipped_model_localises(recipe):
 
 def test_concepts_as_noun_phrases_tell_the_toy_flux_shapes_apart():
     """ConceptAttention with two shapes per image: the bare shape words mix the shapes up (heat
-    AUC 0.868, confusion 18.7% on these 8 samples); their noun phrases ("red circle") reach
-    AUC 0.989, confusion 0.8%, final mIoU 0.963 (bench/RESULTS.md)."""
+    AUC 0.907, confusion 9.6% on these 8 samples); their noun phrases ("red circle") reach
+    AUC 0.984, confusion 0.0%, final mIoU 0.983 (bench/RESULTS.md)."""
     data = load_config(REPO / "configs" / "toy-flux.yaml").model_dump(mode="json")
     data["prompts"]["concepts_per_image"], data["execution"]["seed"] = 2, 7
     data["capture"].update(recipe="concept_attention", concept_text="phrase")
     data["mask"]["tau"] = 0.4
     summary, scores, _, _ = quality.evaluate(RunConfig.model_validate(data), samples=8, progress=False)
-    assert summary["heat_auc"] >= 0.989 - 0.05, scores
+    assert summary["heat_auc"] >= 0.984 - 0.05, scores
     assert summary["confusion"] < 0.05, scores
-    assert summary["refined_miou"] >= 0.963 - 0.05, scores
+    assert summary["refined_miou"] >= 0.983 - 0.05, scores
+
+
+def test_throughput_times_annotate_stacked_and_one_level_a_call(tmp_path):
+    out = tmp_path / "throughput.json"
+    assert throughput.main(["--model", "tiny", "--annotate", "--annotate-steps", "4", "--annotate-steps-per-call", "3",
+                            "--batch", "2", "--steps", "2", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["samples_per_s"]) == {"a", "b", "c", "d", "e", "f"}
+    assert all(rate > 0 for rate in result["samples_per_s"].values())
+    assert result["annotate"]["steps_per_call"] == 3
+    assert result["e_over_f"] == pytest.approx(result["samples_per_s"]["e"] / result["samples_per_s"]["f"], rel=1e-3)
 
 
 @pytest.mark.parametrize(("model", "recipe"), [("tiny", "cross"), ("tiny-sdxl", "cross"), ("tiny-sd3", "cross"),
