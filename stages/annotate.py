@@ -170,9 +170,10 @@ def scheduler_at(scheduler, index: int):
     schedule was read at the first level, so that step is cleared); stateless ones (DDIM,
     PNDM) go by the timestep alone."""
     at = copy.deepcopy(scheduler)
-    if hasattr(at, "set_begin_index"):
+    set_begin_index = getattr(at, "set_begin_index", None)
+    if set_begin_index is not None:
         at._step_index = None  # diffusers has no public reset short of set_timesteps
-        at.set_begin_index(index)
+        set_begin_index(index)
     return at
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench import throughput
 from bench.chaos import audit
 from maskmint import launch
 from maskmint.pipeline.dataset import read_samples
@@ -297,3 +298,14 @@ def test_annotate_takes_every_recipe_and_removal(family, changes, config_dict, w
             assert sample.heatmap.max() > sample.heatmap.min()
         assert sample.metadata["parameters"]["capture"]["recipe"] == data.get("capture", {}).get("recipe", "cross")
         assert np.abs(sample.background.astype(int) - sample.image.astype(int)).max() > 0  # something was removed
+
+
+def test_throughput_times_annotate_stacked_and_one_level_a_call(tmp_path):
+    out = tmp_path / "throughput.json"
+    assert throughput.main(["--model", "tiny", "--annotate", "--annotate-steps", "4", "--annotate-steps-per-call", "3",
+                            "--batch", "2", "--steps", "2", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["samples_per_s"]) == {"a", "b", "c", "d", "e", "f"}
+    assert all(rate > 0 for rate in result["samples_per_s"].values())
+    assert result["annotate"]["steps_per_call"] == 3
+    assert result["e_over_f"] == pytest.approx(result["samples_per_s"]["e"] / result["samples_per_s"]["f"], rel=1e-3)

@@ -149,17 +149,6 @@ def test_concepts_as_noun_phrases_tell_the_toy_flux_shapes_apart():
     assert summary["refined_miou"] >= 0.983 - 0.05, scores
 
 
-def test_throughput_times_annotate_stacked_and_one_level_a_call(tmp_path):
-    out = tmp_path / "throughput.json"
-    assert throughput.main(["--model", "tiny", "--annotate", "--annotate-steps", "4", "--annotate-steps-per-call", "3",
-                            "--batch", "2", "--steps", "2", "--repeats", "1", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert set(result["samples_per_s"]) == {"a", "b", "c", "d", "e", "f"}
-    assert all(rate > 0 for rate in result["samples_per_s"].values())
-    assert result["annotate"]["steps_per_call"] == 3
-    assert result["e_over_f"] == pytest.approx(result["samples_per_s"]["e"] / result["samples_per_s"]["f"], rel=1e-3)
-
-
 @pytest.mark.parametrize(("model", "recipe"), [("tiny", "cross"), ("tiny-sdxl", "cross"), ("tiny-sd3", "cross"),
                                                ("tiny-flux", "cross"), ("tiny-flux", "concept_attention")])
 def test_throughput_cpu_smoke(tmp_path, model, recipe):
