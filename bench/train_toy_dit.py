@@ -1,19 +1,22 @@
-"""Train a Flux-shaped MM-DiT on the toy world, so the DiT recipes are scored, not assumed.
+"""Train a Flux- or SD3-shaped MM-DiT on the toy world, so the DiT recipes are scored, not assumed.
 
     python -m bench.train_toy_dit --vae assets/tiny-sd --out assets/toy-flux     # about an hour on 2 CPU cores
+    python -m bench.train_toy_dit --family sd3 --double-blocks 6 --out DIR/toy-sd3
 
-The model is a standard diffusers FluxPipeline folder (Flux.1-schnell shaped: no guidance
-embedding, no unconditional batch), so maskmint runs it by the code path real Flux takes:
-joint attention with the T5 text tokens first, 2x2-packed latents, FluxInpaintPipeline for
-removal. It reuses the VAE of a trained toy SD folder (frozen; given a zero shift, as Flux's
-VAE has one) and trains a CLIP encoder (pooled vector), a T5 encoder (the token states the
-transformer attends to) and the transformer jointly by rectified flow: x_t = (1 - s) x0 + s e,
-the transformer predicting e - x0 at s drawn logit-normally, as SD3 and Flux are trained.
+The model is a standard diffusers pipeline folder, so maskmint runs it by the code path the
+real family takes. `flux` (FluxPipeline, Flux.1-schnell shaped: no guidance embedding, no
+unconditional batch): joint attention with the T5 text tokens first, 2x2-packed latents,
+FluxInpaintPipeline for removal. `sd3` (StableDiffusion3Pipeline): two CLIP encoders and T5,
+image tokens first, the last block's text stream attention-only, and SD3's 16 latent
+channels (the toy VAE widened with channels that stay zero). Both reuse the VAE of a trained
+toy SD folder (frozen; given a zero shift, as the MM-DiT VAEs have one) and train the text
+encoders and the transformer jointly by rectified flow: x_t = (1 - s) x0 + s e, the
+transformer predicting e - x0 at s drawn logit-normally, as SD3 and Flux are trained.
 Captions name every object of the multi-object toy world; a share of object-free scenes
 teaches the background prompts that removal asks for. Checkpoints (OUT.ckpt.pt) let an
 interrupted run continue; OUT/training.json records how the weights were made.
 
---word-attention W adds W x two cross-entropies on the joint attention of every double block
+--word-attention W adds W x two cross-entropies on the joint attention of every joint block
 (head means, each softmax renormalised over one side's keys): each image token's attention
 over the text should fall on its own object's colour and shape words (or the background's
 words), split by the exact mask's area shares; and each such word's attention over the image
@@ -33,37 +36,52 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
-from bench.toyworld import BACKGROUND_KINDS, BACKGROUND_TONES, SHAPES, WORDS, render_scene
+from bench.toyworld import BACKGROUND_KINDS, BACKGROUND_TONES, SHAPES, SIZE, WORDS, render_scene
 from bench.train_toy_model import MAX_TOKENS, build_text_encoder, caption_ids, train_denoiser
 from bench.training import Checkpoint, log, open_checkpoint, parse_with_run_arguments, read_provenance, write_provenance
-from maskmint.pipeline.testing.tiny_models import _t5_encoder, build_t5_tokenizer, build_tokenizer
-
-
-def build_models(tokenizer, tokenizer_2, width: int, heads: int, double_blocks: int, single_blocks: int, seed: int):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    head_dim = width // heads
-    rope = (head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8)  # (t, y, x), even, summing to head_dim
-    text_encoder = build_text_encoder(tokenizer)
-    text_encoder_2 = _t5_encoder(tokenizer_2, 64, 4)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=double_blocks, num_single_layers=single_blocks,
-        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=64,
-        pooled_projection_dim=64, guidance_embeds=False, axes_dims_rope=rope,
-    )
-    return text_encoder, text_encoder_2, transformer
+from maskmint.pipeline.testing.tiny_models import _t5_encoder, _text_config, build_t5_tokenizer, build_tokenizer
 
 
 def load_vae(folder: Path):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32)
-    vae.register_to_config(shift_factor=0.0)  # Flux's pipelines subtract a shift; the toy VAE's is zero
+    vae.register_to_config(shift_factor=0.0)  # the MM-DiT pipelines subtract a shift; the toy VAE's is zero
     return vae.eval().requires_grad_(False)
+
+
+def widen_vae(vae, channels: int):
+    """The same autoencoder with `channels` latent channels: the trained ones first, the rest
+    always zero (mean zero, posterior spread e^-15), so decoding ignores them. SD3's
+    pipelines, its inpainting one above all, accept only SD3's 16-channel latents."""
+    from diffusers import AutoencoderKL
+
+    old, narrow = vae.state_dict(), vae.config.latent_channels
+    wide = AutoencoderKL.from_config({**vae.config, "latent_channels": channels})
+    state = {k: torch.zeros_like(v) for k, v in wide.state_dict().items()}
+    moments = [*range(narrow), *range(channels, channels + narrow)]  # where (mean, log-variance) rows go
+    for name, tensor in old.items():
+        if name.startswith(("encoder.conv_out", "quant_conv")):  # outputs are (mean, log-variance)
+            rows = state[name][moments]
+            if name.startswith("quant_conv") and tensor.dim() > 1:
+                rows[:, moments] = tensor
+            else:
+                rows[:] = tensor
+            state[name][moments] = rows
+        elif name.startswith("post_quant_conv"):
+            state[name][tuple(slice(0, narrow) for _ in range(min(tensor.dim(), 2)))] = tensor
+        elif name == "decoder.conv_in.weight":
+            state[name][:, :narrow] = tensor
+        else:
+            state[name] = tensor
+    last = "quant_conv.bias" if "quant_conv.bias" in state else "encoder.conv_out.bias"
+    state[last][channels + narrow:] = -30.0  # the padding channels' log-variance
+    wide.load_state_dict(state)
+    return wide.eval().requires_grad_(False)
 
 
 def make_pooled_constant(text_encoder) -> None:
@@ -73,17 +91,10 @@ def make_pooled_constant(text_encoder) -> None:
     draw the right objects without its joint attention ever tying a word to a place. Made
     constant in the weights, the shipped folder keeps that property under any pipeline.
     """
-    norm = text_encoder.final_layer_norm
+    norm = next(m for name, m in text_encoder.named_modules() if name.endswith("final_layer_norm"))
     with torch.no_grad():
         norm.weight.zero_()
     norm.weight.requires_grad_(False)
-
-
-def load_models(folder: Path):
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32)
-    return pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer, pipe.vae
 
 
 def pack(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,20 +107,19 @@ def pack(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, ids
 
 
-def encode(text_encoder, text_encoder_2, tokenizer, tokenizer_2, captions: list[str]):
-    pooled = text_encoder(caption_ids(tokenizer, captions)).pooler_output
-    states = text_encoder_2(caption_ids(tokenizer_2, captions)).last_hidden_state
-    return states, pooled
-
-
 PATCH_PIXELS = 8  # one packed token: 2 x 2 latents of the 4x VAE
 BACKGROUND_WORDS = {"background", *BACKGROUND_KINDS, *BACKGROUND_TONES}
 
 
-def word_shares(scene, token_ids: list[int], tokenizer) -> torch.Tensor:
+def token_words(tokenizer, token_ids: list[int]) -> list[str]:
+    """The words a text sequence's tokens spell (T5's and CLIP's word markers dropped); every
+    toy-world word is one token in both tokenizers."""
+    return [t.removeprefix("\u2581").removesuffix("</w>") for t in tokenizer.convert_ids_to_tokens(token_ids)]
+
+
+def word_shares(scene, words: list[str]) -> torch.Tensor:
     """[image tokens, text] each image token's area share of every object (and of the
     background), spread evenly over that object's own words (colour and shape) in the caption."""
-    words = [t.removeprefix("\u2581") for t in tokenizer.convert_ids_to_tokens(token_ids)]
     grid = scene.mask.shape[0] // PATCH_PIXELS
     shares = torch.zeros(grid * grid, len(words))
     owners = [(0, BACKGROUND_WORDS)] + [(SHAPES[shape], {colour, shape}) for colour, shape in scene.objects]
@@ -121,22 +131,31 @@ def word_shares(scene, token_ids: list[int], tokenizer) -> torch.Tensor:
     return shares
 
 
-def word_targets(scene, token_ids: list[int], tokenizer) -> torch.Tensor:
+def word_targets(scene, words: list[str]) -> torch.Tensor:
     """[image tokens, text]: where each image token's attention over the text should fall."""
-    shares = word_shares(scene, token_ids, tokenizer)
+    shares = word_shares(scene, words)
     return shares / shares.sum(dim=1, keepdim=True).clamp_min(1e-6)
 
 
-def place_targets(scene, token_ids: list[int], tokenizer) -> torch.Tensor:
+def place_targets(scene, words: list[str]) -> torch.Tensor:
     """[text, image tokens]: where each object word's attention over the image should fall (its
     object's tokens, by area); rows of words that name nothing in view are zero."""
-    shares = word_shares(scene, token_ids, tokenizer).T
+    shares = word_shares(scene, words).T
     return shares / shares.sum(dim=1, keepdim=True).clamp_min(1e-6)
 
 
-class WordAttentionProbe(FluxAttnProcessor):
-    """Flux's own joint attention that also keeps the image-query x text-key scores (with their
-    gradient), so the training loss can ask each image token to attend to its object's words."""
+def keep_word_attention(kept: list, query, key, text_query, text_key) -> None:
+    """Head means of the image-to-text and text-to-image attention ([B, tokens, heads, dim]
+    inputs), each softmax over one side's keys: [B, image, text] and [B, text, image]."""
+    scale = query.shape[-1] ** -0.5
+    image_to_text = torch.einsum("bihd,bthd->bhit", query, text_key) * scale
+    text_to_image = torch.einsum("bthd,bihd->bhti", text_query, key) * scale
+    kept.append((image_to_text.softmax(dim=-1).mean(dim=1), text_to_image.softmax(dim=-1).mean(dim=1)))
+
+
+class FluxWordAttentionProbe(FluxAttnProcessor):
+    """Flux's own joint attention that also keeps the image-text scores (with their gradient),
+    so the training loss can ask each image token to attend to its object's words."""
 
     def __init__(self, kept: list):
         super().__init__()
@@ -154,12 +173,29 @@ class WordAttentionProbe(FluxAttnProcessor):
             image_rope, text_rope = (cos[text:], sin[text:]), (cos[:text], sin[:text])
             query, key = (apply_rotary_emb(x, image_rope, sequence_dim=1) for x in (query, key))
             text_query, text_key = (apply_rotary_emb(x, text_rope, sequence_dim=1) for x in (text_query, text_key))
-            scale = attn.head_dim ** -0.5
-            image_to_text = torch.einsum("bihd,bthd->bhit", query, text_key) * scale
-            text_to_image = torch.einsum("bthd,bihd->bhti", text_query, key) * scale
-            # head means of each softmax over one side's keys: [B, image, text] and [B, text, image]
-            self.kept.append((image_to_text.softmax(dim=-1).mean(dim=1), text_to_image.softmax(dim=-1).mean(dim=1)))
+            keep_word_attention(self.kept, query, key, text_query, text_key)
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+class SD3WordAttentionProbe(JointAttnProcessor2_0):
+    """SD3's own joint attention (no rotary embedding; image tokens first) that also keeps the
+    image-text scores, as the Flux probe does."""
+
+    def __init__(self, kept: list):
+        super().__init__()
+        self.kept = kept
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if encoder_hidden_states is not None:
+            def heads(projection, states, norm):
+                x = projection(states).unflatten(-1, (attn.heads, -1))
+                return norm(x) if norm is not None else x
+
+            keep_word_attention(self.kept, heads(attn.to_q, hidden_states, attn.norm_q),
+                                heads(attn.to_k, hidden_states, attn.norm_k),
+                                heads(attn.add_q_proj, encoder_hidden_states, attn.norm_added_q),
+                                heads(attn.add_k_proj, encoder_hidden_states, attn.norm_added_k))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
 
 def draw_scenes(rng: np.random.Generator, size: int, empty_share: float) -> list:
@@ -191,12 +227,173 @@ class ScenePool:
         return [self.scenes[i] for i in chosen], mean + std * torch.randn(mean.shape, generator=generator)
 
 
-def train(models: dict, tokenizers, args, rng, handle, checkpoint: Checkpoint) -> None:
-    text_encoder, text_encoder_2, transformer, vae = (models[k] for k in ("text_encoder", "text_encoder_2", "transformer", "vae"))
+class ToyFlux:
+    """Flux.1-schnell shaped: CLIP gives the pooled vector, T5 the text tokens, which come
+    first in the joint sequence; latents are packed 2x2 into tokens with rotary positions."""
+
+    name, pipeline = "toy Flux", "FluxPipeline"
+
+    def tokenizers(self) -> tuple:
+        return build_tokenizer(WORDS, MAX_TOKENS), build_t5_tokenizer(WORDS, MAX_TOKENS)
+
+    def build(self, tokenizers, args, vae) -> dict:
+        from diffusers import FluxTransformer2DModel
+
+        torch.manual_seed(args.seed)
+        head_dim = args.width // args.heads
+        rope = (head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8)  # (t, y, x), even, summing to head_dim
+        text_encoder = build_text_encoder(tokenizers[0])
+        text_encoder_2 = _t5_encoder(tokenizers[1], 64, 4)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=args.double_blocks, num_single_layers=args.single_blocks,
+            attention_head_dim=head_dim, num_attention_heads=args.heads, joint_attention_dim=64,
+            pooled_projection_dim=64, guidance_embeds=False, axes_dims_rope=rope,
+        )
+        return {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "transformer": transformer, "vae": vae}
+
+    def vae(self, folder: Path):
+        return load_vae(folder)
+
+    def pooled_encoders(self, models: dict) -> list:
+        return [models["text_encoder"]]
+
+    def load(self, folder: Path) -> tuple[tuple, dict]:
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32)
+        return (pipe.tokenizer, pipe.tokenizer_2), {k: getattr(pipe, k) for k in ("text_encoder", "text_encoder_2", "transformer", "vae")}
+
+    def encode(self, models: dict, tokenizers, captions: list[str]):
+        pooled = models["text_encoder"](caption_ids(tokenizers[0], captions)).pooler_output
+        states = models["text_encoder_2"](caption_ids(tokenizers[1], captions)).last_hidden_state
+        return states, pooled
+
+    def text_words(self, tokenizers, captions: list[str]) -> list[list[str]]:
+        return [token_words(tokenizers[1], row) for row in caption_ids(tokenizers[1], captions).tolist()]
+
+    def tokens(self, latents: torch.Tensor):
+        return pack(latents)
+
+    def predict(self, transformer, noisy, sigmas, states, pooled, image_ids):
+        return transformer(hidden_states=noisy, timestep=sigmas, pooled_projections=pooled, encoder_hidden_states=states,
+                           txt_ids=torch.zeros(states.shape[1], 3), img_ids=image_ids).sample
+
+    def probe(self, kept: list):
+        return FluxWordAttentionProbe(kept)
+
+    def plain_processor(self):
+        return FluxAttnProcessor()
+
+    def save(self, out: Path, models: dict, tokenizers) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        pipe = FluxPipeline(
+            transformer=models["transformer"], scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=models["vae"],
+            text_encoder=models["text_encoder"], tokenizer=tokenizers[0],
+            text_encoder_2=models["text_encoder_2"], tokenizer_2=tokenizers[1],
+        )
+        pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)  # small files; loading upcasts
+        pipe.to(torch.float32)
+
+
+class ToySD3(ToyFlux):
+    """SD3 shaped: two CLIP encoders (penultimate states side by side, pooled vectors
+    concatenated) and T5, the CLIP tokens then T5's after the image tokens in the joint
+    sequence; 16-channel latents in 2x2 patches with learned positions; the last block's text
+    stream only feeds attention (`context_pre_only`). The text goes through the pipeline's own
+    `encode_prompt`, so training conditions the model exactly as maskmint will."""
+
+    name, pipeline = "toy SD3", "StableDiffusion3Pipeline"
+    TEXT_WIDTH = 64  # each CLIP encoder; T5 is twice as wide, the two CLIPs' states side by side
+
+    def tokenizers(self) -> tuple:
+        return build_tokenizer(WORDS, MAX_TOKENS), build_tokenizer(WORDS, MAX_TOKENS), build_t5_tokenizer(WORDS, MAX_TOKENS)
+
+    def build(self, tokenizers, args, vae) -> dict:
+        from diffusers import SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection
+
+        torch.manual_seed(args.seed)
+        clip = [CLIPTextModelWithProjection(_text_config(tokenizers[0], self.TEXT_WIDTH, 4, MAX_TOKENS)) for _ in range(2)]
+        latent = SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
+        transformer = SD3Transformer2DModel(
+            sample_size=latent, patch_size=2, in_channels=vae.config.latent_channels,
+            out_channels=vae.config.latent_channels, num_layers=args.double_blocks,
+            attention_head_dim=args.width // args.heads, num_attention_heads=args.heads,
+            joint_attention_dim=2 * self.TEXT_WIDTH, caption_projection_dim=args.width,
+            pooled_projection_dim=2 * self.TEXT_WIDTH, pos_embed_max_size=latent // 2,
+        )
+        return {"text_encoder": clip[0], "text_encoder_2": clip[1],
+                "text_encoder_3": _t5_encoder(tokenizers[2], 2 * self.TEXT_WIDTH, 4), "transformer": transformer, "vae": vae}
+
+    def vae(self, folder: Path):
+        return widen_vae(load_vae(folder), 16)
+
+    def pooled_encoders(self, models: dict) -> list:
+        return [models["text_encoder"], models["text_encoder_2"]]
+
+    def load(self, folder: Path) -> tuple[tuple, dict]:
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=torch.float32)
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae")
+        return (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3), {k: getattr(pipe, k) for k in names}
+
+    def pipe(self, models: dict, tokenizers):
+        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(
+            transformer=models["transformer"], scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=models["vae"],
+            text_encoder=models["text_encoder"], tokenizer=tokenizers[0],
+            text_encoder_2=models["text_encoder_2"], tokenizer_2=tokenizers[1],
+            text_encoder_3=models["text_encoder_3"], tokenizer_3=tokenizers[2],
+        )
+
+    def encode(self, models: dict, tokenizers, captions: list[str]):
+        states, _, pooled, _ = self.pipe(models, tokenizers).encode_prompt(
+            prompt=captions, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+            max_sequence_length=tokenizers[2].model_max_length)
+        return states, pooled
+
+    def text_words(self, tokenizers, captions: list[str]) -> list[list[str]]:
+        clip, t5 = (caption_ids(tokenizers[i], captions).tolist() for i in (0, 2))
+        return [token_words(tokenizers[0], a) + token_words(tokenizers[2], b) for a, b in zip(clip, t5)]
+
+    def tokens(self, latents: torch.Tensor):
+        return latents, None
+
+    def predict(self, transformer, noisy, sigmas, states, pooled, image_ids):
+        # SD3's pipelines give the transformer the scheduler's timesteps: sigma x 1000
+        return transformer(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=states,
+                           pooled_projections=pooled).sample
+
+    def probe(self, kept: list):
+        return SD3WordAttentionProbe(kept)
+
+    def plain_processor(self):
+        return JointAttnProcessor2_0()
+
+    def save(self, out: Path, models: dict, tokenizers) -> None:
+        pipe = self.pipe(models, tokenizers)
+        pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+        pipe.to(torch.float32)
+
+
+FAMILIES = {"flux": ToyFlux(), "sd3": ToySD3()}
+
+
+def load_models(folder: Path):
+    """(tokenizers, models) of a saved toy folder, whichever family it is."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return next(f for f in FAMILIES.values() if f.pipeline == index["_class_name"]).load(Path(folder))
+
+
+def train(family, models: dict, tokenizers, args, rng, handle, checkpoint: Checkpoint) -> None:
+    transformer, vae = models["transformer"], models["vae"]
     kept: list[torch.Tensor] = []
     word_losses: list[float] = []
     if args.word_attention:
-        transformer.set_attn_processor(WordAttentionProbe(kept))
+        transformer.set_attn_processor(family.probe(kept))
 
     pool = ScenePool(vae, args.scene_pool, args.empty_share, args.seed, handle) if args.scene_pool else None
 
@@ -208,19 +405,17 @@ def train(models: dict, tokenizers, args, rng, handle, checkpoint: Checkpoint) -
             latents = encode_scenes(vae, scenes, generator)
         captions = [s.caption for s in scenes]
         latents = latents * vae.config.scaling_factor
-        tokens, image_ids = pack(latents)
+        tokens, image_ids = family.tokens(latents)
         noise = torch.randn(tokens.shape, generator=generator)
-        sigmas = torch.sigmoid(torch.randn(args.batch, generator=generator)).view(-1, 1, 1)
+        sigmas = torch.sigmoid(torch.randn(args.batch, generator=generator)).view(-1, *[1] * (tokens.dim() - 1))
         noisy = (1 - sigmas) * tokens + sigmas * noise
-        states, pooled = encode(text_encoder, text_encoder_2, *tokenizers, captions)
-        prediction = transformer(hidden_states=noisy, timestep=sigmas.flatten(), pooled_projections=pooled,
-                                 encoder_hidden_states=states, txt_ids=torch.zeros(states.shape[1], 3),
-                                 img_ids=image_ids).sample
+        states, pooled = family.encode(models, tokenizers, captions)
+        prediction = family.predict(transformer, noisy, sigmas.flatten(), states, pooled, image_ids)
         loss = F.mse_loss(prediction, noise - tokens)
         if kept:
-            ids = caption_ids(tokenizers[1], captions).tolist()
-            to_words = torch.stack([word_targets(s, row, tokenizers[1]) for s, row in zip(scenes, ids)])
-            to_places = torch.stack([place_targets(s, row, tokenizers[1]) for s, row in zip(scenes, ids)])
+            words = family.text_words(tokenizers, captions)
+            to_words = torch.stack([word_targets(s, w) for s, w in zip(scenes, words)])
+            to_places = torch.stack([place_targets(s, w) for s, w in zip(scenes, words)])
             named = to_places.sum(-1)  # 1 for a word that names something in view, else 0
             # where the image is mostly noise its layout is not yet decided: ask less there
             clean = (1 - sigmas.flatten())[:, None]
@@ -228,35 +423,24 @@ def train(models: dict, tokenizers, args, rng, handle, checkpoint: Checkpoint) -
             def cross_entropy(targets, probs, weight):
                 return -(targets * probs.clamp_min(1e-6).log()).sum(-1).mul(weight).sum() / weight.sum().clamp_min(1e-6)
 
-            words = sum(cross_entropy(to_words, words_of, clean.expand(-1, to_words.shape[1]))
-                        + cross_entropy(to_places, places_of, clean * named) for words_of, places_of in kept) / len(kept)
+            attended = sum(cross_entropy(to_words, words_of, clean.expand(-1, to_words.shape[1]))
+                           + cross_entropy(to_places, places_of, clean * named) for words_of, places_of in kept) / len(kept)
             kept.clear()
-            loss = loss + args.word_attention * words
-            word_losses.append(words.item())
+            loss = loss + args.word_attention * attended
+            word_losses.append(attended.item())
             if len(word_losses) == 100:
                 log(f"word-attention loss {np.mean(word_losses):.4f} (last 100 batches)", handle)
                 word_losses.clear()
         return loss
 
-    train_denoiser("transformer", [text_encoder, text_encoder_2, transformer], args.steps, args.lr, rng, handle,
-                   checkpoint, batch_loss)
-    transformer.set_attn_processor(FluxAttnProcessor())
-
-
-def save_pipeline(out: Path, models: dict, tokenizer, tokenizer_2) -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    pipe = FluxPipeline(
-        transformer=models["transformer"], scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=models["vae"],
-        text_encoder=models["text_encoder"], tokenizer=tokenizer,
-        text_encoder_2=models["text_encoder_2"], tokenizer_2=tokenizer_2,
-    )
-    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)  # small files; loading upcasts
-    pipe.to(torch.float32)
+    trained = [m for name, m in models.items() if name != "vae"]
+    train_denoiser("transformer", trained, args.steps, args.lr, rng, handle, checkpoint, batch_loss)
+    transformer.set_attn_processor(family.plain_processor())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="flux")
     parser.add_argument("--out", type=Path, default=Path("assets/toy-flux"))
     parser.add_argument("--vae", type=Path, default=Path("assets/tiny-sd"),
                         help="a trained toy SD folder whose VAE is reused, frozen")
@@ -265,8 +449,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--width", type=int, default=128, help="transformer hidden size")
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--double-blocks", type=int, default=4)
-    parser.add_argument("--single-blocks", type=int, default=2)
+    parser.add_argument("--double-blocks", type=int, default=4, help="Flux's double-stream blocks, or SD3's joint blocks")
+    parser.add_argument("--single-blocks", type=int, default=2, help="Flux's single-stream blocks (SD3 has none)")
     parser.add_argument("--empty-share", type=float, default=0.25,
                         help="share of object-free scenes: removal asks the model for exactly those")
     parser.add_argument("--pooled", choices=("caption", "constant"), default="constant",
@@ -275,31 +459,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scene-pool", type=int, default=0,
                         help="draw from this many scenes encoded once (0: fresh scenes every step)")
     parser.add_argument("--word-attention", type=float, default=0.0,
-                        help="weight of a loss asking each image token's attention over the text (double "
+                        help="weight of a loss asking each image token's attention over the text (joint "
                              "blocks, head mean) to fall on its own object's words, from the exact masks")
-    parser.add_argument("--resume", type=Path, default=None, help="continue from a saved toy Flux folder")
+    parser.add_argument("--resume", type=Path, default=None, help="continue from a saved toy folder of the same family")
     args = parse_with_run_arguments(parser, argv)
+    family = FAMILIES[args.family]
     rng = np.random.default_rng(args.seed)
     if args.resume:
-        tokenizer, tokenizer_2, text_encoder, text_encoder_2, transformer, vae = load_models(args.resume)
+        tokenizers, models = family.load(args.resume)
     else:
-        tokenizer, tokenizer_2 = build_tokenizer(WORDS, MAX_TOKENS), build_t5_tokenizer(WORDS, MAX_TOKENS)
-        text_encoder, text_encoder_2, transformer = build_models(
-            tokenizer, tokenizer_2, args.width, args.heads, args.double_blocks, args.single_blocks, args.seed)
-        vae = load_vae(args.vae)
+        tokenizers = family.tokenizers()
+        models = family.build(tokenizers, args, family.vae(args.vae))
     if args.pooled == "constant":
-        make_pooled_constant(text_encoder)
-    models = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "transformer": transformer, "vae": vae}
+        for encoder in family.pooled_encoders(models):
+            make_pooled_constant(encoder)
     checkpoint, log_path = open_checkpoint(args, models, rng)
     with open(log_path, "a" if checkpoint.state else "w") as handle:
         if checkpoint.state:
             log(f"continuing from {checkpoint.path}: step {checkpoint.state['step']}", handle)
-        log(f"training toy Flux: {json.dumps({k: str(v) for k, v in vars(args).items()})}", handle)
-        log(f"parameters: transformer {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M, "
-            f"text {sum(p.numel() for p in [*text_encoder.parameters(), *text_encoder_2.parameters()]) / 1e6:.2f}M", handle)
+        log(f"training {family.name}: {json.dumps({k: str(v) for k, v in vars(args).items()})}", handle)
+        text = [p for name, m in models.items() if name.startswith("text_encoder") for p in m.parameters()]
+        log(f"parameters: transformer {sum(p.numel() for p in models['transformer'].parameters()) / 1e6:.2f}M, "
+            f"text {sum(p.numel() for p in text) / 1e6:.2f}M", handle)
         if args.steps and not checkpoint.reached("unet"):
-            train(models, (tokenizer, tokenizer_2), args, rng, handle, checkpoint)
-        save_pipeline(args.out, models, tokenizer, tokenizer_2)
+            train(family, models, tokenizers, args, rng, handle, checkpoint)
+        family.save(args.out, models, tokenizers)
         minutes = checkpoint.minutes()
         write_provenance(args.out, vars(args), minutes, log_path, read_provenance(args.resume),
                          trained_by="bench/train_toy_dit.py", vae_from=read_provenance(args.vae))

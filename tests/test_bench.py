@@ -7,13 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from bench import quality, real_shapes, throughput, train_toy_dit, train_toy_model
+from bench import quality, real_shapes, throughput, train_toy_model
 from bench.toyworld import (
     COLORS,
     SHAPES,
-    WORDS,
     closest_shape,
     colour_pixels,
     object_pixels,
@@ -268,96 +266,6 @@ def test_toy_training_interrupted_and_rerun_ends_with_the_uninterrupted_weights(
     torch.save({"arguments": {"seed": "9"}}, tmp_path / "cut.ckpt.pt")  # another recipe's checkpoint
     with pytest.raises(SystemExit, match="other arguments"):
         train_toy_model.main(["--out", str(out), *arguments])
-
-
-DIT_ARGUMENTS = ["--steps", "4", "--batch", "2", "--width", "32", "--heads", "2", "--double-blocks", "1",
-                 "--single-blocks", "1", "--checkpoint-every", "1", "--seed", "3"]
-
-
-def test_toy_dit_is_a_flux_folder_maskmint_runs_with_the_reused_vae_untouched(tmp_path):
-    import torch
-    from diffusers import AutoencoderKL
-
-    out = tmp_path / "toy-flux"
-    train_toy_dit.main(["--vae", str(REPO / "assets" / "tiny-sd"), "--out", str(out), *DIT_ARGUMENTS])
-    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
-    record = json.loads((out / "training.json").read_text())
-    assert record["trained_by"] == "bench/train_toy_dit.py" and record["vae_from"]["trained_by"] == "bench/train_toy_model.py"
-    before = AutoencoderKL.from_pretrained(REPO / "assets" / "tiny-sd" / "vae")
-    after = AutoencoderKL.from_pretrained(out / "vae")
-    assert after.config.shift_factor == 0.0 and after.config.scaling_factor == before.config.scaling_factor
-    assert all(torch.equal(x, y) for x, y in zip(before.state_dict().values(), after.state_dict().values()))
-
-    data = yaml.safe_load((REPO / "configs" / "toy-flux.yaml").read_text())
-    data["model"]["path"] = str(out)
-    data["generation"].update(steps=2, batch_size=2)
-    data["removal"]["steps"] = 2
-    for recipe in ("cross", "concept_attention"):
-        data["capture"] = {"recipe": recipe}
-        summary, scores, _, _ = quality.evaluate(RunConfig.model_validate(data), samples=2, progress=False)
-        assert len(scores) == 2 and all(s["concepts"] >= 1 for s in scores)
-
-
-def test_toy_dit_training_interrupted_and_rerun_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
-    import torch
-
-    arguments = ["--vae", str(REPO / "assets" / "tiny-sd"), *DIT_ARGUMENTS]
-    train_toy_dit.main(["--out", str(tmp_path / "whole"), *arguments])
-    out = tmp_path / "cut"
-    train_cut_and_rerun(train_toy_dit, ["--out", str(out), *arguments], 3, monkeypatch, name="draw_scenes")  # die in the third step
-    whole, cut = train_toy_dit.load_models(tmp_path / "whole"), train_toy_dit.load_models(out)
-    for a, b in zip(whole[2:], cut[2:]):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.allclose(x.float(), y.float(), atol=1e-3), name
-
-
-def test_word_targets_put_each_image_token_on_its_own_objects_words():
-    from bench.train_toy_model import MAX_TOKENS, caption_ids
-    from maskmint.pipeline.testing.tiny_models import build_t5_tokenizer
-
-    tokenizer = build_t5_tokenizer(WORDS, MAX_TOKENS)
-    checked = {"object": 0, "background": 0}
-    for seed in range(6):
-        scene = render_scene(np.random.default_rng(seed), n_objects=2)
-        words = scene.caption.split()  # one T5 token per toy word, in order
-        targets = train_toy_dit.word_targets(scene, caption_ids(tokenizer, [scene.caption])[0].tolist(), tokenizer)
-        assert targets.shape == (64, MAX_TOKENS) and np.allclose(targets.sum(1).numpy(), 1.0)
-        cells = scene.mask.reshape(8, 8, 8, 8).transpose(0, 2, 1, 3).reshape(64, 64)  # token -> its 8 x 8 pixels
-        for token, pixels in enumerate(cells):
-            if len(set(pixels.tolist())) != 1:
-                continue  # a token on an edge shares its target
-            if pixels[0] == 0:
-                expected = {words.index(w): 1 / 3 for w in (words[-3], words[-2], "background")}
-                checked["background"] += 1
-            else:
-                colour, shape = next(o for o in scene.objects if SHAPES[o[1]] == pixels[0])
-                expected = {words.index(colour): 0.5, words.index(shape): 0.5}
-                checked["object"] += 1
-            row = targets[token].numpy()
-            assert all(abs(row[i] - share) < 1e-6 for i, share in expected.items()), (seed, token, row)
-            assert abs(row.sum() - sum(expected.values())) < 1e-6
-        places = train_toy_dit.place_targets(scene, caption_ids(tokenizer, [scene.caption])[0].tolist(), tokenizer)
-        for colour, shape in scene.objects:  # each object word looks at its object's tokens, by area
-            area = (cells == SHAPES[shape]).mean(axis=1)
-            for word in (colour, shape):
-                assert np.allclose(places[words.index(word)].numpy(), area / area.sum(), atol=1e-6)
-        assert places[words.index("and")].sum() == 0 and places[words.index("on")].sum() == 0  # names nothing
-    assert min(checked.values()) >= 20, checked
-
-
-def test_toy_dit_with_word_attention_and_a_scene_pool_resumes_exactly(tmp_path, monkeypatch):
-    import torch
-
-    arguments = ["--vae", str(REPO / "assets" / "tiny-sd"), *DIT_ARGUMENTS, "--word-attention", "0.2",
-                 "--scene-pool", "8", "--lr", "0.5"]  # steps large enough to show in the fp16 weights
-    train_toy_dit.main(["--out", str(tmp_path / "whole"), *arguments])
-    out = tmp_path / "cut"
-    train_cut_and_rerun(train_toy_dit, ["--out", str(out), *arguments], 3, monkeypatch,
-                        owner=train_toy_dit.ScenePool, name="draw")
-    whole, cut = train_toy_dit.load_models(tmp_path / "whole"), train_toy_dit.load_models(out)
-    for a, b in zip(whole[2:], cut[2:]):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.allclose(x.float(), y.float(), atol=1e-3), name
 
 
 @pytest.mark.parametrize(("builder", "denoiser", "low", "high"), [
