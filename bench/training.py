@@ -105,10 +105,14 @@ def parse_with_run_arguments(parser: argparse.ArgumentParser, argv: list[str] | 
 
 
 def open_checkpoint(args: argparse.Namespace, models: dict, rng: np.random.Generator) -> tuple[Checkpoint, Path]:
-    """OUT.ckpt.pt for these arguments (how the run is watched and paced left out) and the log's path."""
+    """OUT.ckpt.pt for these arguments (how the run is watched and paced left out) and the log's path.
+
+    `--steps`, where a single-stage run stops, is left out too: its learning rate is constant
+    after the warm-up, so an interrupted run may be continued further, or stopped at its
+    checkpoint, and end as a run given that many steps from the start would."""
     log_path = args.log or args.out.with_name(args.out.name + ".train.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    recipe = {k: str(v) for k, v in vars(args).items() if k not in ("log", "threads", "checkpoint_every")}
+    recipe = {k: str(v) for k, v in vars(args).items() if k not in ("log", "threads", "checkpoint_every", "steps")}
     return Checkpoint(args.out.with_name(args.out.name + ".ckpt.pt"), recipe, args.checkpoint_every, models, rng), log_path
 
 

@@ -220,3 +220,27 @@ def test_training_prediction_is_the_pipelines_own_denoiser_call(family_name):
         again = family.predict(pipe.transformer, kwargs["hidden_states"], sigma, kwargs["encoder_hidden_states"],
                                kwargs["pooled_projections"], kwargs.get("img_ids"))
     torch.testing.assert_close(again, output)
+
+
+def test_an_interrupted_run_continued_to_fewer_steps_ends_as_a_run_of_that_many(tmp_path, monkeypatch):
+    """--steps is where a run stops, not how it trains: a run of 6 cut after its step-2
+    checkpoint and continued with --steps 4 gives the weights of a run of 4."""
+    arguments = ["--vae", str(TOY_VAE), *DIT_ARGUMENTS]  # 4 steps
+    train_toy_dit.main(["--out", str(tmp_path / "four"), *arguments])
+    out = tmp_path / "cut"
+    longer = [*arguments, "--steps", "6"]  # the later flag wins
+    real, calls = train_toy_dit.draw_scenes, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_toy_dit, "draw_scenes", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_toy_dit.main(["--out", str(out), *longer])
+    monkeypatch.setattr(train_toy_dit, "draw_scenes", real)
+    train_toy_dit.main(["--out", str(out), *arguments])
+    assert "continuing from" in out.with_name(out.name + ".train.log").read_text()
+    assert_same_weights(tmp_path / "four", out)
