@@ -106,18 +106,21 @@ def test_multi_config_on_the_shipped_model_beats_chance(objects, least):
     assert summary["object_left"] < 0.05, summary
 
 
-# heat AUC, weak IoU, final IoU of configs/toy-flux.yaml, one shape per image, run seed 7, 8
-# samples, per recipe (bench/RESULTS.md); the test holds each to 0.05 below
-TOY_FLUX_FIGURES = {"cross": (0.997, 0.805, 1.000), "concept_attention": (0.986, 0.492, 1.000)}
+# heat AUC, weak IoU, final IoU of configs/toy-flux.yaml and toy-sd3.yaml, one shape per image,
+# run seed 7, 8 samples, per recipe (bench/RESULTS.md); the test holds each to 0.05 below
+TOY_DIT_FIGURES = {
+    ("toy-flux", "cross"): (0.998, 0.827, 1.000), ("toy-flux", "concept_attention"): (0.985, 0.449, 1.000),
+    ("toy-sd3", "cross"): (0.992, 0.682, 0.892),  # its ConceptAttention maps do not localise (AUC 0.66)
+}
 
 
-@pytest.mark.parametrize("recipe", sorted(TOY_FLUX_FIGURES))
-def test_toy_flux_config_on_its_shipped_model_localises(recipe):
-    """configs/toy-flux.yaml on assets/toy-flux: the toy MM-DiT's attention finds the shape, and
-    the masks recover it, by either recipe."""
-    config = load_config(REPO / "configs" / "toy-flux.yaml")
-    assert Path(config.model.path).resolve() == (REPO / "assets" / "toy-flux").resolve()
-    record = json.loads((REPO / "assets" / "toy-flux" / "training.json").read_text())
+@pytest.mark.parametrize(("name", "recipe"), sorted(TOY_DIT_FIGURES))
+def test_toy_dit_config_on_its_shipped_model_localises(name, recipe):
+    """configs/toy-flux.yaml on assets/toy-flux, toy-sd3.yaml on assets/toy-sd3: the toy
+    MM-DiT's attention finds the shape, and the masks recover it, by either recipe."""
+    config = load_config(REPO / "configs" / f"{name}.yaml")
+    assert Path(config.model.path).resolve() == (REPO / "assets" / name).resolve()
+    record = json.loads((REPO / "assets" / name / "training.json").read_text())
     assert record["trained_by"] == "bench/train_toy_dit.py" and float(record["arguments"]["word_attention"]) > 0
     data = config.model_dump(mode="json")
     data["prompts"]["concepts_per_image"] = 1
@@ -126,7 +129,7 @@ def test_toy_flux_config_on_its_shipped_model_localises(recipe):
         data["capture"]["recipe"], data["mask"]["tau"] = recipe, 0.4
     summary, scores, _, _ = quality.evaluate(RunConfig.model_validate(data), samples=8, progress=False)
     chance = np.mean([s["truth_area"] for s in scores])
-    auc, weak, final = TOY_FLUX_FIGURES[recipe]
+    auc, weak, final = TOY_DIT_FIGURES[name, recipe]
     assert summary["heat_auc"] >= auc - 0.05, scores
     assert summary["weak_iou"] >= max(weak - 0.05, 2 * chance), scores
     assert summary["refined_iou"] >= max(final - 0.05, 4 * chance), scores
@@ -135,16 +138,16 @@ def test_toy_flux_config_on_its_shipped_model_localises(recipe):
 
 def test_concepts_as_noun_phrases_tell_the_toy_flux_shapes_apart():
     """ConceptAttention with two shapes per image: the bare shape words mix the shapes up (heat
-    AUC 0.907, confusion 9.6% on these 8 samples); their noun phrases ("red circle") reach
-    AUC 0.984, confusion 0.0%, final mIoU 0.983 (bench/RESULTS.md)."""
+    AUC 0.852, confusion 24.0% on these 8 samples); their noun phrases ("red circle") reach
+    AUC 0.983, confusion 0.04%, final mIoU 0.985 (bench/RESULTS.md)."""
     data = load_config(REPO / "configs" / "toy-flux.yaml").model_dump(mode="json")
     data["prompts"]["concepts_per_image"], data["execution"]["seed"] = 2, 7
     data["capture"].update(recipe="concept_attention", concept_text="phrase")
     data["mask"]["tau"] = 0.4
     summary, scores, _, _ = quality.evaluate(RunConfig.model_validate(data), samples=8, progress=False)
-    assert summary["heat_auc"] >= 0.984 - 0.05, scores
+    assert summary["heat_auc"] >= 0.983 - 0.05, scores
     assert summary["confusion"] < 0.05, scores
-    assert summary["refined_miou"] >= 0.983 - 0.05, scores
+    assert summary["refined_miou"] >= 0.985 - 0.05, scores
 
 
 @pytest.mark.parametrize(("model", "recipe"), [("tiny", "cross"), ("tiny-sdxl", "cross"), ("tiny-sd3", "cross"),
