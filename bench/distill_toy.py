@@ -60,7 +60,7 @@ def write_split(out: Path, count: int, seed: int, kinds: tuple[str, ...]) -> Pat
     return out / "lines.jsonl"
 
 
-def annotate(lines: Path, count: int, out: Path, adapter: Path | None = None) -> None:
+def annotate(lines: Path, count: int, out: Path, adapter: Path | None = None, shift_px: int = 0) -> None:
     data = yaml.safe_load((REPO / "configs" / "annotate.yaml").read_text())
     data["model"]["path"] = str(REPO / "assets" / "tiny-sd")
     data["prompts"]["file"] = str(lines)
@@ -68,6 +68,8 @@ def annotate(lines: Path, count: int, out: Path, adapter: Path | None = None) ->
     data["execution"] = {"executor": "local"}
     if adapter is not None:
         data["removal"]["adapter"] = str(adapter)
+    if shift_px:
+        data["refine"]["shift_px"] = shift_px
     run(parse_config(copy.deepcopy(data)), out, show_progress=False)
 
 
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="distill --background-margin-px")
     parser.add_argument("--domain", choices=["fine", "coarse"], default="fine",
                         help="the unseen backgrounds: 4-9 px patterns, or 12-18 px ones the toy VAE can draw back")
+    parser.add_argument("--refine-shift", type=int, default=0,
+                        help="refine.shift_px of the held-out runs, with and without the adapter")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--rescore", action="store_true",
                         help="only score every run already under OUT/runs again (with today's scores)")
@@ -194,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
            + (f"-concept{args.concept_share:g}" if args.concept_share != DistillConfig().concept_share else "")
            + (f"-{args.layers}" if args.layers != DistillConfig().layers else "")
            + (f"-margin{args.background_margin}" if args.background_margin != DistillConfig().background_margin_px else ""))
+    held_out = f"-shift{args.refine_shift}" if args.refine_shift else ""
     adapter = out / f"adapter-{tag}"
     report = distill(out / "runs" / "train", adapter, DistillConfig(steps=args.steps, lr=args.lr, rank=args.rank,
                                                                     concept_share=args.concept_share,
@@ -208,11 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("unseen", "shipped"):
         results[f"{name}_vae_round_trip"] = vae_round_trip(splits[name].parent, vae)
         for label, used in (("without", None), ("with", adapter)):
-            run_dir = out / "runs" / (f"{name}-without" if used is None else f"{name}-with-{tag}")
-            annotate(splits[name], args.test, run_dir, used)
+            run_dir = out / "runs" / (f"{name}-without{held_out}" if used is None else f"{name}-with-{tag}{held_out}")
+            annotate(splits[name], args.test, run_dir, used, args.refine_shift)
             results[f"{name}_{label}"] = score(run_dir, splits[name].parent)
             print(name, label, results[f"{name}_{label}"], flush=True)
-    (out / f"distill-toy-{tag}.json").write_text(json.dumps(results, indent=1))
+    results["refine_shift_px"] = args.refine_shift
+    (out / f"distill-toy-{tag}{held_out}.json").write_text(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

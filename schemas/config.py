@@ -166,6 +166,9 @@ MODEL_RUNTIME_ONLY = {"offload"}  # where the weights wait between calls does no
 # Likewise input files: their content is hashed (the class list is in `concepts`).
 INPUT_FILES = {"concepts_file", "file"}
 INPUT_FOLDERS = {"images"}
+# Options added after runs were made, whose off value computes exactly what maskmint did
+# before them: left out of the hash while off, so those runs still resume.
+NEUTRAL_WHEN_OFF = (("refine", "shift_px", 0),)
 
 
 class RunConfig(Section):
@@ -299,6 +302,9 @@ class RunConfig(Section):
             content["images"] = folder_signature(self.input.images)
         if "images" not in content:  # these shape only runs that annotate: the others keep their hash
             del content["annotate"], content["input"]
+        for section, field, off in NEUTRAL_WHEN_OFF:
+            if content[section][field] == off:
+                del content[section][field]
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -85,6 +85,12 @@ class RefineConfig(Section):
     fgbg_fill: bool = Field(default=True, description="method fgbg: close and fill holes in each class at the end")
     delta_e: float = Field(default=12.0, gt=0.0, description="Lab colour distance that counts as 'changed'")
     dilate_px: int = Field(default=6, ge=0, description="how far outside the weak mask the object may reach")
+    shift_px: int = Field(
+        default=0, ge=0, le=16,
+        description="method delta_e: a pixel is changed only if its colour is far from every background pixel "
+        "within this many pixels, so a background repainted slightly out of register (a pattern out of phase) "
+        "is not read as object; 0: the same pixel only",
+    )
     open_px: int = Field(default=1, ge=0)
     close_px: int = Field(default=2, ge=0)
     min_area: float = Field(default=0.002, ge=0.0, lt=1.0)

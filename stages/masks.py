@@ -75,3 +75,21 @@ def lab_distance(image: np.ndarray, other: np.ndarray) -> np.ndarray:
     a = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
     b = cv2.cvtColor(other.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
     return np.linalg.norm(a - b, axis=-1)
+
+
+def lab_distance_within(image: np.ndarray, other: np.ndarray, radius: int) -> np.ndarray:
+    """Per pixel, the smallest CIE76 distance from the image's colour to any of `other`'s
+    within `radius` pixels (a square; the edges replicated). A background repainted a little
+    out of register with the image (a pattern a few pixels out of phase) then reads as
+    unchanged, while a colour found nowhere near, an object's, still reads as changed."""
+    if radius <= 0:
+        return lab_distance(image, other)
+    a = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
+    b = cv2.cvtColor(other.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
+    height, width = a.shape[:2]
+    padded = cv2.copyMakeBorder(b, radius, radius, radius, radius, cv2.BORDER_REPLICATE)
+    nearest = np.full((height, width), np.inf, np.float32)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            nearest = np.minimum(nearest, np.linalg.norm(a - padded[dy:dy + height, dx:dx + width], axis=-1))
+    return nearest

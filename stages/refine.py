@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from maskmint.schemas.config import RefineConfig
 from maskmint.schemas.records import BACKGROUND_ID, IGNORE_INDEX
-from maskmint.stages.masks import clean, count_components, dilate, erode, lab_distance, orphan_filter
+from maskmint.stages.masks import clean, count_components, dilate, erode, lab_distance, lab_distance_within, orphan_filter
 from maskmint.stages.weak_mask import gmm_midpoint
 
 
@@ -33,7 +33,8 @@ def refine_mask(
     if class_ids is None:
         class_ids = [int(c) for c in np.unique(weak) if c not in (BACKGROUND_ID, IGNORE_INDEX)]
     assign = fgbg_classes if config.method == "fgbg" else changed_classes
-    mask = assign(image, background, delta, weak, heat, class_ids, config)
+    changed_by = lab_distance_within(image, background, config.shift_px) if config.shift_px else delta
+    mask = assign(image, background, changed_by, weak, heat, class_ids, config)
     foreground = mask != BACKGROUND_ID
 
     if config.ignore_band:
