@@ -70,11 +70,14 @@ def orphan_filter(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def to_lab(image: np.ndarray) -> np.ndarray:
+    """A uint8 RGB image in CIE Lab (float32), where distances follow perceived colour."""
+    return cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
+
+
 def lab_distance(image: np.ndarray, other: np.ndarray) -> np.ndarray:
     """Per-pixel CIE76 colour difference of two uint8 RGB images."""
-    a = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
-    b = cv2.cvtColor(other.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
-    return np.linalg.norm(a - b, axis=-1)
+    return np.linalg.norm(to_lab(image) - to_lab(other), axis=-1)
 
 
 def lab_distance_within(image: np.ndarray, other: np.ndarray, radius: int) -> np.ndarray:
@@ -82,10 +85,11 @@ def lab_distance_within(image: np.ndarray, other: np.ndarray, radius: int) -> np
     within `radius` pixels (a square; the edges replicated). A background repainted a little
     out of register with the image (a pattern a few pixels out of phase) then reads as
     unchanged, while a colour found nowhere near, an object's, still reads as changed."""
-    if radius <= 0:
-        return lab_distance(image, other)
-    a = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
-    b = cv2.cvtColor(other.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
+    return nearest_lab_distance(to_lab(image), to_lab(other), radius)
+
+
+def nearest_lab_distance(a: np.ndarray, b: np.ndarray, radius: int) -> np.ndarray:
+    """`lab_distance_within` of two images already in Lab."""
     height, width = a.shape[:2]
     padded = cv2.copyMakeBorder(b, radius, radius, radius, radius, cv2.BORDER_REPLICATE)
     nearest = np.full((height, width), np.inf, np.float32)

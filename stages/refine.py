@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from maskmint.schemas.config import RefineConfig
 from maskmint.schemas.records import BACKGROUND_ID, IGNORE_INDEX
-from maskmint.stages.masks import clean, count_components, dilate, erode, lab_distance, lab_distance_within, orphan_filter
+from maskmint.stages.masks import clean, count_components, dilate, erode, nearest_lab_distance, orphan_filter, to_lab
 from maskmint.stages.weak_mask import gmm_midpoint
 
 
@@ -28,12 +28,13 @@ def refine_mask(
     it with the highest heat; the 255 band follows every class outline, so it separates
     classes from each other as well as from the background.
     """
-    delta = lab_distance(image, background)
+    image_lab, background_lab = to_lab(image), to_lab(background)
+    delta = np.linalg.norm(image_lab - background_lab, axis=-1)
     weak_fg = weak != BACKGROUND_ID
     if class_ids is None:
         class_ids = [int(c) for c in np.unique(weak) if c not in (BACKGROUND_ID, IGNORE_INDEX)]
     assign = fgbg_classes if config.method == "fgbg" else changed_classes
-    changed_by = lab_distance_within(image, background, config.shift_px) if config.shift_px else delta
+    changed_by = nearest_lab_distance(image_lab, background_lab, config.shift_px) if config.shift_px else delta
     mask = assign(image, background, changed_by, weak, heat, class_ids, config)
     foreground = mask != BACKGROUND_ID
 
