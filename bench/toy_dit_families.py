@@ -185,9 +185,25 @@ class ToyFlux:
     def tokens(self, latents: torch.Tensor):
         return pack(latents)
 
-    def predict(self, transformer, noisy, sigmas, states, pooled, image_ids):
+    def predict(self, transformer, noisy, sigmas, states, pooled, image_ids, guidance=None):
+        # as FluxPipeline calls it: sigmas as timesteps / 1000, dev's guidance scale as is
         return transformer(hidden_states=noisy, timestep=sigmas, pooled_projections=pooled, encoder_hidden_states=states,
-                           txt_ids=torch.zeros(states.shape[1], 3), img_ids=image_ids).sample
+                           txt_ids=torch.zeros(states.shape[1], 3), img_ids=image_ids, guidance=guidance).sample
+
+    def dev_shaped(self, teacher, seed: int = 0):
+        """A Flux.1-dev shaped copy of a schnell-shaped transformer: the same weights plus a
+        guidance embedding whose output layer starts at zero, so it first predicts exactly as
+        the teacher does and guidance distillation teaches it what the scale means."""
+        from diffusers import FluxTransformer2DModel
+
+        torch.manual_seed(seed)  # the guidance embedding's first layer starts random: seeded
+        student = FluxTransformer2DModel.from_config({**teacher.config, "guidance_embeds": True})
+        missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+        assert not unexpected and all(".guidance_embedder." in name for name in missing), (missing, unexpected)
+        with torch.no_grad():
+            student.time_text_embed.guidance_embedder.linear_2.weight.zero_()
+            student.time_text_embed.guidance_embedder.linear_2.bias.zero_()
+        return student
 
     def probe(self, kept: list):
         return FluxWordAttentionProbe(kept)

@@ -25,6 +25,15 @@ raw diffusion loss alone left this small model's attention unrelated to where ob
 this is the toy's stand-in for what scale teaches real MM-DiTs. --scene-pool N encodes N
 scenes once and draws from them: the frozen VAE's encoder otherwise costs more per step
 than the transformer.
+
+--caption-dropout P trains a share of captions as the empty one, which a classifier-free
+guided teacher needs. --guidance-teacher DIR then makes a Flux.1-dev shaped student: the
+teacher's weights plus a guidance embedding starting at zero, trained (text encoders frozen)
+to give in one call the teacher's guided prediction u + g (c - u) at a scale g drawn from
+--guidance-range, as Flux.1-dev's guidance is distilled:
+
+    python -m bench.train_toy_dit --resume assets/toy-flux --out DIR/teacher --caption-dropout 0.15 ...
+    python -m bench.train_toy_dit --guidance-teacher DIR/teacher --out DIR/toy-flux-dev ...
 """
 
 from __future__ import annotations
@@ -111,7 +120,18 @@ class ScenePool:
         return [self.scenes[i] for i in chosen], mean + std * torch.randn(mean.shape, generator=generator)
 
 
-def train(family, models: dict, tokenizers, args, rng, handle, checkpoint: Checkpoint) -> None:
+def guided_target(family, models, tokenizers, teacher, noisy, sigmas, states, pooled, image_ids, scale):
+    """The teacher's classifier-free guided prediction at each sample's scale: what a
+    guidance-distilled (Flux.1-dev shaped) student learns to give in one call."""
+    with torch.no_grad():
+        empty_states, empty_pooled = family.encode(models, tokenizers, [""] * len(noisy))
+        both = family.predict(teacher, torch.cat([noisy, noisy]), sigmas.flatten().repeat(2),
+                              torch.cat([states, empty_states]), torch.cat([pooled, empty_pooled]), image_ids)
+        conditional, unconditional = both.chunk(2)
+        return unconditional + scale.view(-1, *[1] * (noisy.dim() - 1)) * (conditional - unconditional)
+
+
+def train(family, models: dict, tokenizers, args, rng, handle, checkpoint: Checkpoint, teacher=None) -> None:
     transformer, vae = models["transformer"], models["vae"]
     kept: list[torch.Tensor] = []
     word_losses: list[float] = []
@@ -127,14 +147,22 @@ def train(family, models: dict, tokenizers, args, rng, handle, checkpoint: Check
             scenes = draw_scenes(rng, args.batch, args.empty_share)
             latents = encode_scenes(vae, scenes, generator)
         captions = [s.caption for s in scenes]
+        if args.caption_dropout:  # drawn only when asked, so earlier runs' streams are unchanged
+            captions = ["" if rng.random() < args.caption_dropout else c for c in captions]
         latents = latents * vae.config.scaling_factor
         tokens, image_ids = family.tokens(latents)
         noise = torch.randn(tokens.shape, generator=generator)
         sigmas = torch.sigmoid(torch.randn(args.batch, generator=generator)).view(-1, *[1] * (tokens.dim() - 1))
         noisy = (1 - sigmas) * tokens + sigmas * noise
         states, pooled = family.encode(models, tokenizers, captions)
-        prediction = family.predict(transformer, noisy, sigmas.flatten(), states, pooled, image_ids)
-        loss = F.mse_loss(prediction, noise - tokens)
+        if teacher is None:
+            prediction = family.predict(transformer, noisy, sigmas.flatten(), states, pooled, image_ids)
+            loss = F.mse_loss(prediction, noise - tokens)
+        else:
+            scale = torch.empty(args.batch).uniform_(*args.guidance_range, generator=generator)
+            prediction = family.predict(transformer, noisy, sigmas.flatten(), states, pooled, image_ids, guidance=scale)
+            loss = F.mse_loss(prediction, guided_target(family, models, tokenizers, teacher, noisy, sigmas, states,
+                                                        pooled, image_ids, scale))
         if kept:
             words = family.text_words(tokenizers, captions)
             to_words = torch.stack([word_targets(s, w) for s, w in zip(scenes, words)])
@@ -184,11 +212,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--word-attention", type=float, default=0.0,
                         help="weight of a loss asking each image token's attention over the text (joint "
                              "blocks, head mean) to fall on its own object's words, from the exact masks")
+    parser.add_argument("--caption-dropout", type=float, default=0.0,
+                        help="share of captions replaced by the empty one, so the model also learns the "
+                             "unconditional prediction classifier-free guidance needs")
+    parser.add_argument("--guidance-teacher", type=Path, default=None,
+                        help="a toy Flux trained with --caption-dropout: train a Flux.1-dev shaped student "
+                             "(guidance embedding) to give its classifier-free guided prediction in one call")
+    parser.add_argument("--guidance-range", type=float, nargs=2, default=(1.0, 6.0), metavar=("LOW", "HIGH"),
+                        help="the guidance scales the student learns, drawn uniformly")
     parser.add_argument("--resume", type=Path, default=None, help="continue from a saved toy folder of the same family")
     args = parse_with_run_arguments(parser, argv)
     family = FAMILIES[args.family]
     rng = np.random.default_rng(args.seed)
-    if args.resume:
+    teacher = None
+    if args.guidance_teacher:
+        if args.family != "flux" or args.resume:
+            parser.error("--guidance-teacher makes a Flux.1-dev shaped student of a toy Flux; it takes no --resume")
+        tokenizers, models = family.load(args.guidance_teacher)
+        teacher = models["transformer"].eval().requires_grad_(False)
+        models["transformer"] = family.dev_shaped(teacher, args.seed)
+        for name in models:
+            if name.startswith("text_encoder"):
+                models[name].requires_grad_(False)  # shared with the teacher, so its captions mean the same
+    elif args.resume:
         tokenizers, models = family.load(args.resume)
     else:
         tokenizers = family.tokenizers()
@@ -205,10 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         log(f"parameters: transformer {sum(p.numel() for p in models['transformer'].parameters()) / 1e6:.2f}M, "
             f"text {sum(p.numel() for p in text) / 1e6:.2f}M", handle)
         if args.steps and not checkpoint.reached("unet"):
-            train(family, models, tokenizers, args, rng, handle, checkpoint)
+            train(family, models, tokenizers, args, rng, handle, checkpoint, teacher)
         family.save(args.out, models, tokenizers)
         minutes = checkpoint.minutes()
-        write_provenance(args.out, vars(args), minutes, log_path, read_provenance(args.resume),
+        write_provenance(args.out, vars(args), minutes, log_path, read_provenance(args.resume or args.guidance_teacher),
                          trained_by="bench/train_toy_dit.py", vae_from=read_provenance(args.vae))
         checkpoint.path.unlink(missing_ok=True)
         log(f"saved {args.out} after {minutes:.1f} min", handle)

@@ -244,3 +244,73 @@ def test_an_interrupted_run_continued_to_fewer_steps_ends_as_a_run_of_that_many(
     train_toy_dit.main(["--out", str(out), *arguments])
     assert "continuing from" in out.with_name(out.name + ".train.log").read_text()
     assert_same_weights(tmp_path / "four", out)
+
+
+def test_dev_student_starts_as_its_teacher_and_learns_the_teachers_guided_prediction(tmp_path):
+    """The Flux.1-dev shaped student: a guidance embedding that starts at zero (so at first it
+    predicts as the teacher, whatever the scale), trained towards the teacher's classifier-free
+    guided prediction, computed here call by call; its folder is dev-shaped and maskmint runs it."""
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    train_toy_dit.main(["--vae", str(TOY_VAE), "--out", str(teacher_dir), *DIT_ARGUMENTS, "--caption-dropout", "0.5"])
+    family = train_toy_dit.FAMILIES["flux"]
+    tokenizers, models = family.load(teacher_dir)
+    teacher = models["transformer"].eval()
+    student = family.dev_shaped(teacher).eval()
+    generator = torch.Generator().manual_seed(5)
+    latents = torch.randn(2, 4, 16, 16, generator=generator)
+    noisy, ids = family.tokens(latents)
+    sigmas = torch.tensor([0.3, 0.8])
+    states, pooled = family.encode(models, tokenizers, ["a red circle on a flat gray background", "a blue square"])
+    empty_states, empty_pooled = family.encode(models, tokenizers, ["", ""])
+    scale = torch.tensor([1.0, 4.0])
+    with torch.no_grad():
+        conditional = family.predict(teacher, noisy, sigmas, states, pooled, ids)
+        unconditional = family.predict(teacher, noisy, sigmas, empty_states, empty_pooled, ids)
+        for guidance in (torch.tensor([1.0, 1.0]), scale):
+            torch.testing.assert_close(family.predict(student, noisy, sigmas, states, pooled, ids, guidance=guidance),
+                                       conditional)
+        target = train_toy_dit.guided_target(family, models, tokenizers, teacher, noisy, sigmas.view(-1, 1, 1),
+                                             states, pooled, ids, scale)
+    torch.testing.assert_close(target[0], conditional[0], rtol=1e-4, atol=1e-5)  # scale 1: the caption alone
+    torch.testing.assert_close(target[1], unconditional[1] + 4.0 * (conditional[1] - unconditional[1]), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(conditional, unconditional)  # the empty caption conditions differently
+
+    train_toy_dit.main(["--out", str(student_dir), *DIT_ARGUMENTS, "--guidance-teacher", str(teacher_dir)])
+    config = json.loads((student_dir / "transformer" / "config.json").read_text())
+    assert config["guidance_embeds"] is True
+    record = json.loads((student_dir / "training.json").read_text())
+    assert record["resumed_from"]["arguments"]["caption_dropout"] == "0.5"
+    _, trained = family.load(student_dir)
+    for name in ("text_encoder", "text_encoder_2"):  # shared with the teacher, frozen
+        assert all(torch.equal(a, b) for a, b in zip(trained[name].state_dict().values(), models[name].state_dict().values()))
+    embedder = trained["transformer"].time_text_embed.guidance_embedder.linear_2.weight
+    assert embedder.abs().sum() > 0  # it learned something of the scale
+    runs_both_recipes(student_dir)
+
+
+def test_caption_dropout_empties_that_share_of_captions_and_none_without_it(tmp_path, monkeypatch):
+    seen: list[str] = []
+    family = train_toy_dit.FAMILIES["flux"]
+    real = type(family).encode
+
+    def keep(self, models, tokenizers, captions):
+        seen.extend(captions)
+        return real(self, models, tokenizers, captions)
+
+    monkeypatch.setattr(type(family), "encode", keep)
+    arguments = ["--vae", str(TOY_VAE), *DIT_ARGUMENTS, "--batch", "8", "--checkpoint-every", "0"]
+    train_toy_dit.main(["--out", str(tmp_path / "plain"), *arguments])
+    assert len(seen) == 32 and "" not in seen
+    seen.clear()
+    train_toy_dit.main(["--out", str(tmp_path / "dropped"), *arguments, "--caption-dropout", "0.5"])
+    assert len(seen) == 32 and 6 <= seen.count("") <= 26
+
+
+def test_dev_student_interrupted_and_rerun_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
+    teacher = tmp_path / "teacher"
+    train_toy_dit.main(["--vae", str(TOY_VAE), "--out", str(teacher), *DIT_ARGUMENTS, "--caption-dropout", "0.5"])
+    arguments = [*DIT_ARGUMENTS, "--guidance-teacher", str(teacher), "--word-attention", "0.2", "--lr", "0.5"]
+    train_toy_dit.main(["--out", str(tmp_path / "whole"), *arguments])
+    out = tmp_path / "cut"
+    train_cut_and_rerun(train_toy_dit, ["--out", str(out), *arguments], 3, monkeypatch, name="draw_scenes")
+    assert_same_weights(tmp_path / "whole", out)
