@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -62,9 +63,27 @@ def assert_exactly_planned(config_path, out: Path) -> None:
     assert not [p.name for p in (out / "shards").iterdir() if p.name.startswith(".")]
 
 
-def test_two_ray_workers_match_the_local_executor(ray_instance, ray_config, write_config, tmp_path):
+def release_when_written(out: Path, held: int, shard: int) -> threading.Thread:
+    """Frees the held shard once another shard is published, so a second actor must have taken it."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 100
+        while time.monotonic() < deadline and not (out / "shards" / f"{shard:06d}.json").exists():
+            time.sleep(0.05)
+        (out / f".fault-release-{held}").touch()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_two_ray_workers_match_the_local_executor(ray_instance, ray_config, write_config, tmp_path, monkeypatch):
     config_path = write_config(ray_config)
+    monkeypatch.setenv(FAULT_ENV, "0:hold")  # shard 0 waits on its actor until shard 2 is out
+    watcher = release_when_written(tmp_path / "ray", held=0, shard=2)
     assert run_cli(config_path, tmp_path / "ray") == 0
+    watcher.join()
+    monkeypatch.delenv(FAULT_ENV)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the one-CPU actors: same kernels, same floats
     try:
