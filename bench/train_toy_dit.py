@@ -254,8 +254,11 @@ def main(argv: list[str] | None = None) -> None:
             train(family, models, tokenizers, args, rng, handle, checkpoint, teacher)
         family.save(args.out, models, tokenizers)
         minutes = checkpoint.minutes()
-        write_provenance(args.out, vars(args), minutes, log_path, read_provenance(args.resume or args.guidance_teacher),
-                         trained_by="bench/train_toy_dit.py", vae_from=read_provenance(args.vae))
+        # with --resume or --guidance-teacher the loaded model fixes the shape, not --width and the like
+        shape = {k: v for k, v in models["transformer"].config.items() if not k.startswith("_")}
+        write_provenance(args.out, vars(args), minutes, log_path, read_provenance(args.resume),
+                         trained_by="bench/train_toy_dit.py", vae_from=read_provenance(args.vae),
+                         transformer=shape, distilled_from=read_provenance(args.guidance_teacher))
         checkpoint.path.unlink(missing_ok=True)
         log(f"saved {args.out} after {minutes:.1f} min", handle)
 

@@ -279,7 +279,8 @@ def test_dev_student_starts_as_its_teacher_and_learns_the_teachers_guided_predic
     config = json.loads((student_dir / "transformer" / "config.json").read_text())
     assert config["guidance_embeds"] is True
     record = json.loads((student_dir / "training.json").read_text())
-    assert record["resumed_from"]["arguments"]["caption_dropout"] == "0.5"
+    assert record["distilled_from"]["arguments"]["caption_dropout"] == "0.5"
+    assert record["transformer"]["guidance_embeds"] and record["resumed_from"] is None
     _, trained = family.load(student_dir)
     for name in ("text_encoder", "text_encoder_2"):  # shared with the teacher, frozen
         assert all(torch.equal(a, b) for a, b in zip(trained[name].state_dict().values(), models[name].state_dict().values()))
