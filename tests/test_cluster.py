@@ -10,7 +10,7 @@ import pytest
 
 from bench.chaos import audit
 from maskmint.pipeline.run import run
-from maskmint.pipeline.testing.faults import FAULT_ENV
+from maskmint.pipeline.testing.faults import FAULT_ENV, held_marker, release_marker
 from maskmint.schemas.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -47,8 +47,8 @@ def test_losing_a_node_mid_run_loses_nothing(cluster, config_dict, write_config,
         deadline = time.time() + 300
         while time.time() < deadline:
             written = list(shards.glob("[0-9]*.json")) if shards.exists() else []
-            if (out / ".fault-held-0").exists() and written:
-                (out / ".fault-release-0").touch()
+            if held_marker(out, 0).exists() and written:
+                release_marker(out, 0).touch()
             nodes = {json.loads(p.read_text())["worker"]["ray_node"] for p in written}
             if len(nodes) == 2:  # both nodes have published: the worker node is busy mid-run
                 removed["at"] = len(written)

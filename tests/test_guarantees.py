@@ -23,7 +23,7 @@ from maskmint import launch
 from bench.chaos import audit
 from maskmint.pipeline.lock import HISTORY_NAME, LOCK_NAME, Holder, RunLock, process_start
 from maskmint.pipeline.rundir import RunDir
-from maskmint.pipeline.testing.faults import FAULT_ENV
+from maskmint.pipeline.testing.faults import FAULT_ENV, held_marker, release_marker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,9 +85,9 @@ def take_over_while_shard_1_is_mid_batch(out: Path, timeout: float = 120.0) -> t
     def watch():
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if (out / "shards" / "000000.json").exists() and (out / ".fault-held-1").exists():
+            if (out / "shards" / "000000.json").exists() and held_marker(out, 1).exists():
                 take_over(out)
-                (out / ".fault-release-1").touch()
+                release_marker(out, 1).touch()
                 return
             time.sleep(0.02)
 
@@ -272,7 +272,7 @@ def test_ctrl_c_exits_130_and_the_run_resumes(config_dict, write_config, tmp_pat
                               env=dict(os.environ, **{FAULT_ENV: "1:hold"}),
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
-    while not (out / ".fault-held-1").exists() and time.monotonic() < deadline:
+    while not held_marker(out, 1).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     driver.send_signal(signal.SIGINT)
     _, err = driver.communicate(timeout=60)

@@ -23,7 +23,7 @@ import torch
 from maskmint import launch
 from maskmint.pipeline.plan import planned_keys
 from maskmint.pipeline.rundir import RunDir
-from maskmint.pipeline.testing.faults import FAULT_ENV
+from maskmint.pipeline.testing.faults import FAULT_ENV, release_marker
 from maskmint.schemas.config import load_config
 from maskmint.schemas.records import BatchDone, ShardStats, ShardWritten
 from tests.conftest import tar_fields
@@ -70,7 +70,7 @@ def release_when_written(out: Path, held: int, shard: int) -> threading.Thread:
         deadline = time.monotonic() + 100
         while time.monotonic() < deadline and not (out / "shards" / f"{shard:06d}.json").exists():
             time.sleep(0.05)
-        (out / f".fault-release-{held}").touch()
+        release_marker(out, held).touch()
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()

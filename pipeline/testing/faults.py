@@ -19,6 +19,16 @@ def ray_env() -> dict | None:
     return {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}} if FAULT_ENV in os.environ else None
 
 
+def held_marker(root: Path, shard: int) -> Path:
+    """Appears in the run directory while a held shard waits."""
+    return Path(root) / f".fault-held-{shard}"
+
+
+def release_marker(root: Path, shard: int) -> Path:
+    """Touch it to let a held shard go on."""
+    return Path(root) / f".fault-release-{shard}"
+
+
 def injected_fault(shard: int, root: Path) -> None:
     target, *options = os.environ.get(FAULT_ENV, "").split(":")
     if target.strip() != str(shard):
@@ -31,9 +41,9 @@ def injected_fault(shard: int, root: Path) -> None:
     if "exit" in options:
         os._exit(13)
     if "hold" in options:
-        (root / f".fault-held-{shard}").touch()
+        held_marker(root, shard).touch()
         deadline = time.monotonic() + HOLD_LIMIT_S
-        while not (root / f".fault-release-{shard}").exists() and time.monotonic() < deadline:
+        while not release_marker(root, shard).exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         return
     raise RuntimeError(f"injected fault on shard {shard}")
