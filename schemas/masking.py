@@ -91,6 +91,16 @@ class RefineConfig(Section):
         "within this many pixels, so a background repainted slightly out of register (a pattern out of phase) "
         "is not read as object; 0: the same pixel only",
     )
+    segment_vote: float | None = Field(
+        default=None, ge=0.5, le=1.0,
+        description="method delta_e: the image is cut into colour segments (Felzenszwalb's graph segmentation); "
+        "where at least this share of a segment's changed pixels go to one class by heat, all of them that the "
+        "class reaches take it, so a boundary between classes follows colour edges rather than the coarse heat "
+        "maps; None: each pixel by its own heat",
+    )
+    segment_scale: float = Field(
+        default=200.0, gt=0.0, description="segment_vote: Felzenszwalb's scale; larger gives larger segments"
+    )
     open_px: int = Field(default=1, ge=0)
     close_px: int = Field(default=2, ge=0)
     min_area: float = Field(default=0.002, ge=0.0, lt=1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from skimage.segmentation import felzenszwalb
 
 from maskmint.schemas.config import RefineConfig
 from maskmint.schemas.records import BACKGROUND_ID, IGNORE_INDEX
@@ -71,8 +72,25 @@ def changed_classes(image, background, delta, weak, heat, class_ids, config: Ref
         claim = np.where(reach, heat[: len(class_ids)], -np.inf)
         winner = claim.argmax(axis=0)
         taken = changed & reach.any(axis=0)
+        if config.segment_vote is not None and len(class_ids) > 1:
+            winner = segment_winners(image, taken, reach, winner, config)
         mask[taken] = np.asarray(class_ids, dtype=np.uint8)[winner[taken]]
     return mask
+
+
+def segment_winners(image, taken, reach, winner, config: RefineConfig) -> np.ndarray:
+    """Heat maps are a few times coarser than the image, so near a boundary between two
+    objects the per-pixel argmax strays; a colour segment that mostly votes for one class
+    gives it the rest of its pixels that the class reaches."""
+    segments = felzenszwalb(image, scale=config.segment_scale, sigma=0.5, min_size=10)
+    votes = np.zeros((segments.max() + 1, reach.shape[0]), dtype=np.int64)
+    np.add.at(votes, (segments[taken], winner[taken]), 1)
+    totals = votes.sum(axis=1)
+    leader = votes.argmax(axis=1)
+    decided = votes.max(axis=1) >= config.segment_vote * np.maximum(totals, 1)
+    seg_winner, seg_decided = leader[segments], decided[segments]
+    within_reach = np.take_along_axis(reach, seg_winner[None], axis=0)[0]
+    return np.where(taken & seg_decided & within_reach, seg_winner, winner)
 
 
 def fgbg_classes(image, background, delta, weak, heat, class_ids, config: RefineConfig) -> np.ndarray:
