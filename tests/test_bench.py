@@ -325,3 +325,27 @@ def test_gpu_script_dry_run_on_cpu_writes_every_step(tmp_path):
     # offload changed no number: the same digest as the plain run's
     assert json.loads((out / "offload-identity.json").read_text())["flux-schnell-offload-model"] is True
     assert "torch" in (out / "gpu.log").read_text()
+
+
+def test_paired_bootstrap_reads_a_fixed_gap_exactly_and_refuses_unpaired_prompts(tmp_path, capsys):
+    from bench import paired
+
+    def sample(prompt, ious, faithful=True):
+        return {"prompt": prompt, "faithful": faithful,
+                "per_class": {c: {"refined": v, "weak": v} for c, v in ious.items()}}
+
+    # B is A with every IoU 0.1 lower; one prompt unfaithful in A only, which A leaves out
+    a = [sample(f"p{i}", {"1": 0.9, "2": 0.8 - 0.01 * i}) for i in range(6)] + [sample("p6", {"1": 0.0}, False)]
+    b = [sample(f"p{i}", {"1": 0.8, "2": 0.7 - 0.01 * i}) for i in range(6)] + [sample("p6", {"1": 0.5})]
+    for side, samples in (("a", a), ("b", b)):
+        (tmp_path / f"{side}.json").write_text(json.dumps({"samples": samples}))
+    assert paired.main(["--a", str(tmp_path / "a.json"), "--b", str(tmp_path / "b.json"), "--resamples", "200"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    class_2 = np.mean([0.8 - 0.01 * i for i in range(6)])
+    assert result["a"] == pytest.approx((0.9 + class_2) / 2)
+    assert result["b"] == pytest.approx((np.mean([0.8] * 6 + [0.5]) + class_2 - 0.1) / 2)
+    assert result["prompts"] == 7 and result["interval_95"][0] <= result["difference"] <= result["interval_95"][1]
+
+    (tmp_path / "c.json").write_text(json.dumps({"samples": list(reversed(b))}))
+    assert paired.main(["--a", str(tmp_path / "a.json"), "--b", str(tmp_path / "c.json")]) == 2
+    assert "same prompts" in capsys.readouterr().err
