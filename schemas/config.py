@@ -116,10 +116,11 @@ class CaptureConfig(Section):
         description="concept_attention, a word of several T5 tokens: mean: their dot products averaged into "
         "one logit; each: every token competes in the softmax, the word's shares summed; first: its first only",
     )
-    concept_text: Literal["word", "phrase"] = Field(
+    concept_text: Literal["word", "phrase", "caption"] = Field(
         default="word",
         description="concept_attention, what is encoded as a concept: word: the concept word alone (the paper's "
-        "way); phrase: the word with the modifiers the prompt gives it ('red circle')",
+        "way); phrase: the word with the modifiers the prompt gives it ('red circle'); caption: the word's own "
+        "states in the prompt's encoding",
     )
     steps: list[int] | None = Field(
         default=None, description="denoising step indices to aggregate (0 = first); None = all"

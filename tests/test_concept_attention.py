@@ -67,8 +67,10 @@ class ReferenceConceptAttention:
     `tokens` (first / mean / each) and `variant="projected"` (after the projections, caption
     pooled vector, one softmax at the end) are maskmint's options, done the same plain way."""
 
-    def __init__(self, pipe, concepts: list[list[str]], background: list[str], tokens="first", variant="reference"):
-        self.pipe, self.tokens, self.variant = pipe, tokens, variant
+    def __init__(self, pipe, concepts: list[list[str]], background: list[str], tokens="first", variant="reference",
+                 prompts: list[str] | None = None):
+        self.pipe, self.tokens, self.variant, self.prompts = pipe, tokens, variant, prompts
+        self.objects = [len(ws) for ws in concepts]
         self.family = family_of_pipeline(pipe)
         self.layout = self.family.text_layout(pipe.components)
         self.transformer = pipe.transformer
@@ -85,11 +87,21 @@ class ReferenceConceptAttention:
         count = len(t5.tokenizer(word, add_special_tokens=False).input_ids)
         return embeds[0, t5.offset : t5.offset + (1 if self.tokens == "first" else count)]
 
+    def caption_tokens(self, prompt: str, word: str) -> torch.Tensor:
+        """The word's T5 states inside the whole prompt's encoding (concept_text: caption)."""
+        t5 = self.layout.segments[-1]
+        embeds, _ = self.family.encode_text(self.pipe, self.layout, [prompt])
+        start = prompt.index(word)
+        offsets = t5.tokenizer(prompt, return_offsets_mapping=True).offset_mapping
+        hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < start + len(word) and b > start]
+        return embeds[0, [t5.offset + i for i in (hits[:1] if self.tokens == "first" else hits)]]
+
     def start(self, module, args, kwargs):
         batch = len(self.words)
         self.state, self.owner = [], []
-        for ws in self.words:
-            pieces = [self.word_tokens(w) for w in ws]
+        for b, ws in enumerate(self.words):
+            pieces = [self.caption_tokens(self.prompts[b], w) if self.prompts and k < self.objects[b] else self.word_tokens(w)
+                      for k, w in enumerate(ws)]
             self.owner.append([k for k, piece in enumerate(pieces) for _ in range(len(piece))])
             self.state.append(self.transformer.context_embedder(torch.cat(pieces)))
         if self.variant == "reference":
@@ -182,7 +194,8 @@ def _captured_and_reference(dit, tokens: str, variant: str, text: str = "word"):
     latent = TEST_IMAGE_SIZE // pipe.vae_scale_factor
     plain, _ = _generate_plain(name, pipe, batch, layout, lambda layer, log: DEFAULT_PROCESSORS[name]())
     concepts = [[s.phrase if text == "phrase" else s.word for s in spans] for spans in batch["concepts"]]
-    reference = ReferenceConceptAttention(pipe, concepts, ["background"], tokens, variant)
+    prompts = batch["prompt"] if text == "caption" else None
+    reference = ReferenceConceptAttention(pipe, concepts, ["background"], tokens, variant, prompts)
     reference_image, _ = _generate_plain(name, pipe, batch, layout, lambda layer, log: DEFAULT_PROCESSORS[name]())
     expected = reference.heatmaps(2, latent)
     generate = Generate(pipe, GenerationConfig(steps=STEPS, guidance_scale=5.0), CaptureConfig(
@@ -211,6 +224,18 @@ def test_phrase_concepts_are_the_reference_math_over_the_prompts_noun_phrases(di
     """concept_text: phrase: the concept stream carries "brown dog" and "striped zebra", and the
     maps are the reference's over those texts, not the bare words' maps."""
     name, captured, expected = _captured_and_reference(dit, tokens, "reference", "phrase")
+    np.testing.assert_allclose(captured, expected, rtol=1e-4, atol=1e-5)
+    _, words, _ = _captured_and_reference(dit, tokens, "reference", "word")
+    assert np.abs(captured - words).max() > 1e-3
+
+
+@pytest.mark.parametrize("tokens", ["first", "mean"])
+def test_caption_concepts_are_the_reference_math_over_the_prompts_own_states(dit, tokens):
+    """concept_text: caption: the concept stream starts from the prompt's own T5 states at the
+    word ("zebra" is several tokens; "dog" is read beside "brown"), and the maps are the
+    reference's over those states, not those of the word encoded alone."""
+    name, captured, expected = _captured_and_reference(dit, tokens, "reference", "caption")
+    assert expected[:, 0].max() - expected[:, 0].min() > 1e-3
     np.testing.assert_allclose(captured, expected, rtol=1e-4, atol=1e-5)
     _, words, _ = _captured_and_reference(dit, tokens, "reference", "word")
     assert np.abs(captured - words).max() > 1e-3

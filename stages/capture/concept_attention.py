@@ -17,6 +17,8 @@ before one softmax, and the concepts' own pooled text in the modulation.
 
 `capture.concept_text: phrase` encodes a concept as its noun phrase in the prompt ("red circle")
 instead of the bare word, so that objects told apart by their modifiers get apart queries.
+`caption` takes the concept word's own states from the prompt's encoding, where the text encoder
+has already read it beside its modifiers, instead of encoding anything again.
 
 `capture.concept_tokens` says how a word of several T5 tokens counts: `mean` averages its
 tokens' dot products into the word's logit, `each` lets every token compete in the softmax
@@ -73,42 +75,55 @@ class ConceptAttentionStore:
     # -- per batch -------------------------------------------------------------------------
     @torch.no_grad()
     def begin(self, concepts: list[list[ConceptSpan]], token_index, latent_hw: tuple[int, int]) -> None:
-        """Encode each sample's concepts (its objects, then the background concepts) into token
-        slots, each owned by one concept; token positions in the prompt are not needed here."""
+        """Note each sample's concepts (its objects, then the background concepts). Their token
+        slots are built here, or at the first denoiser call when they come from the prompt's states."""
         self.latent_hw = latent_hw
+        self.concepts = concepts
         self.objects = max(len(spans) for spans in concepts)
-        background = list(self.config.background_concepts)
-        phrases = self.config.concept_text == "phrase"
-        words = [[(s.phrase or s.word) if phrases else s.word for s in spans] for spans in concepts]
-        kinds = self.objects + len(background)
-        unique = sorted({w for ws in words for w in ws} | set(background))
-        embeds, _ = self.family.encode_text(self.pipe, self.layout, unique)
-        tokens_of = {}
-        for row, word in enumerate(unique):
-            positions = word_token_positions(self.layout, word) or [self.layout.segments[-1].offset]
-            tokens_of[word] = embeds[row, positions[:1] if self.config.concept_tokens == "first" else positions]
-        per_sample = [ws + [None] * (self.objects - len(ws)) + background for ws in words]
-        slots = max(sum(len(tokens_of[w]) for w in ws if w is not None) for ws in per_sample)
-        width = embeds.shape[-1]
-        tokens = torch.zeros(len(concepts), slots, width, dtype=embeds.dtype, device=embeds.device)
-        self.owner = torch.zeros(len(concepts), slots, kinds, device=embeds.device)  # slot -> its concept
-        for b, ws in enumerate(per_sample):
-            s = 0
-            for k, word in enumerate(ws):
-                if word is not None:
-                    n = len(tokens_of[word])
-                    tokens[b, s : s + n], self.owner[b, s : s + n, k] = tokens_of[word], 1
-                    s += n
-        self.valid_slot = self.owner.sum(2) > 0
-        self.valid = self.owner.sum(1) > 0  # [B, K]: a padded object slot takes no part
-        if self.reference:
-            self.pooled = torch.zeros(len(concepts), self.transformer.config.pooled_projection_dim,
-                                      dtype=embeds.dtype, device=embeds.device)
-        else:
+        text = self.config.concept_text
+        words = [[(s.phrase or s.word) if text == "phrase" else s.word for s in spans] for spans in concepts]
+        self.pooled = None  # the reference's: zeros, made beside the concept tokens
+        if not self.reference:
+            background = list(self.config.background_concepts)
             _, self.pooled = self.family.encode_text(self.pipe, self.layout, [" ".join(ws + background) for ws in words])
-        self.initial = self.transformer.context_embedder(tokens)
+        self.initial = None if text == "caption" else self._concept_embeddings(words, None)
         self.sums, self.terms, self.copies = None, 0, 1
         self.gate.start()
+
+    def _concept_embeddings(self, words: list[list[str]], prompt_states: torch.Tensor | None) -> torch.Tensor:
+        """The concepts' token slots [B, S, width] after the context embedder, each slot owned by
+        one concept. An object's tokens are its word encoded alone, or (prompt_states given) the
+        prompt's own states at the word's positions; background concepts are always encoded alone."""
+        background = list(self.config.background_concepts)
+        kinds = self.objects + len(background)
+        first = self.config.concept_tokens == "first"
+        alone = sorted(set(background) | (set() if prompt_states is not None else {w for ws in words for w in ws}))
+        embeds, _ = self.family.encode_text(self.pipe, self.layout, alone)
+        tokens_of = {}
+        for row, word in enumerate(alone):
+            positions = word_token_positions(self.layout, word) or [self.layout.segments[-1].offset]
+            tokens_of[word] = embeds[row, positions[:1] if first else positions]
+        per_sample = []
+        for b, ws in enumerate(words):
+            if prompt_states is None:
+                own = [tokens_of[w] for w in ws]
+            else:  # the word's T5 positions, as a word encoded alone has T5 tokens only
+                t5 = self.layout.segments[-1].offset
+                positions = [[i for i in span.token_positions if i >= t5] for span in self.concepts[b]]
+                own = [prompt_states[b, p[:1] if first else p] for p in positions]
+            per_sample.append(own + [None] * (self.objects - len(own)) + [tokens_of[w] for w in background])
+        slots = max(sum(len(t) for t in ts if t is not None) for ts in per_sample)
+        tokens = torch.zeros(len(words), slots, embeds.shape[-1], dtype=embeds.dtype, device=embeds.device)
+        self.owner = torch.zeros(len(words), slots, kinds, device=embeds.device)  # slot -> its concept
+        for b, ts in enumerate(per_sample):
+            s = 0
+            for k, t in enumerate(ts):
+                if t is not None:
+                    tokens[b, s : s + len(t)], self.owner[b, s : s + len(t), k] = t, 1
+                    s += len(t)
+        self.valid_slot = self.owner.sum(2) > 0
+        self.valid = self.owner.sum(1) > 0  # [B, K]: a padded object slot takes no part
+        return self.transformer.context_embedder(tokens)
 
     def stack(self, copies: int) -> None:
         self.copies = copies
@@ -125,6 +140,12 @@ class ConceptAttentionStore:
         if not self.gate.active:
             return None
         copies = self.copies
+        if self.initial is None:  # concepts from the prompt: its states are the conditional rows' last copy
+            states = kwargs["encoder_hidden_states"][-len(self.concepts):]
+            words = [[s.word for s in spans] for spans in self.concepts]
+            self.initial = self._concept_embeddings(words, states)
+        if self.pooled is None:
+            self.pooled = self.initial.new_zeros(self.initial.shape[0], self.transformer.config.pooled_projection_dim)
         rows = self.initial.shape[0] * copies
         guidance = kwargs.get("guidance")
         self.temb = self.family.time_embedding(
