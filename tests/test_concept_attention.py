@@ -241,6 +241,20 @@ def test_caption_concepts_are_the_reference_math_over_the_prompts_own_states(dit
     assert np.abs(captured - words).max() > 1e-3
 
 
+def test_caption_concepts_need_no_background_concepts(dit):
+    """With `background_concepts: []` nothing is encoded alone: the objects split every pixel
+    between them, and a sample's only object takes all of it."""
+    name, pipe = dit
+    batch, _ = _two_object_batch(pipe)
+    generate = Generate(pipe, GenerationConfig(steps=2), CaptureConfig(
+        recipe="concept_attention", concept_text="caption", background_concepts=[]))
+    generate(batch)
+    maps = generate.store.heatmaps(token_slots(batch["concepts"])[1])
+    assert maps[0].std() > 1e-3  # two objects compete
+    torch.testing.assert_close(maps[1, 0], torch.ones_like(maps[1, 0]))
+    assert torch.all(maps[1, 1] == 0)
+
+
 def test_the_projected_variant_is_its_own_slow_reference(dit):
     name, captured, expected = _captured_and_reference(dit, "mean", "projected")
     assert expected[:, 0].max() - expected[:, 0].min() > 1e-3

@@ -98,7 +98,7 @@ class ConceptAttentionStore:
         kinds = self.objects + len(background)
         first = self.config.concept_tokens == "first"
         alone = sorted(set(background) | (set() if prompt_states is not None else {w for ws in words for w in ws}))
-        embeds, _ = self.family.encode_text(self.pipe, self.layout, alone)
+        embeds = self.family.encode_text(self.pipe, self.layout, alone)[0] if alone else prompt_states
         tokens_of = {}
         for row, word in enumerate(alone):
             positions = word_token_positions(self.layout, word) or [self.layout.segments[-1].offset]
