@@ -43,9 +43,9 @@ def paired_difference(a: list[dict], b: list[dict], stage: str = "refined", resa
         drawn = rng.integers(0, len(a), len(a))
         differences.append(miou(a, drawn, stage) - miou(b, drawn, stage))
     low, high = np.percentile(differences, [2.5, 97.5])
+    a_all, b_all = miou(a, everything, stage), miou(b, everything, stage)
     return {
-        "prompts": len(a), "a": miou(a, everything, stage), "b": miou(b, everything, stage),
-        "difference": miou(a, everything, stage) - miou(b, everything, stage),
+        "prompts": len(a), "a": a_all, "b": b_all, "difference": a_all - b_all,
         "interval_95": [float(low), float(high)], "share_a_below_b": float(np.mean(np.array(differences) < 0)),
         "resamples": resamples, "seed": seed,
     }

@@ -103,12 +103,12 @@ class ConceptAttentionStore:
         for row, word in enumerate(alone):
             positions = word_token_positions(self.layout, word) or [self.layout.segments[-1].offset]
             tokens_of[word] = embeds[row, positions[:1] if first else positions]
+        t5 = self.layout.segments[-1].offset
         per_sample = []
         for b, ws in enumerate(words):
             if prompt_states is None:
                 own = [tokens_of[w] for w in ws]
             else:  # the word's T5 positions, as a word encoded alone has T5 tokens only
-                t5 = self.layout.segments[-1].offset
                 positions = [[i for i in span.token_positions if i >= t5] for span in self.concepts[b]]
                 own = [prompt_states[b, p[:1] if first else p] for p in positions]
             per_sample.append(own + [None] * (self.objects - len(own)) + [tokens_of[w] for w in background])
