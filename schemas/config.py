@@ -116,11 +116,11 @@ class CaptureConfig(Section):
         description="concept_attention, a word of several T5 tokens: mean: their dot products averaged into "
         "one logit; each: every token competes in the softmax, the word's shares summed; first: its first only",
     )
-    concept_text: Literal["word", "phrase", "caption"] = Field(
+    concept_text: Literal["word", "phrase", "caption", "caption_phrase"] = Field(
         default="word",
         description="concept_attention, what is encoded as a concept: word: the concept word alone (the paper's "
         "way); phrase: the word with the modifiers the prompt gives it ('red circle'); caption: the word's own "
-        "states in the prompt's encoding",
+        "states in the prompt's encoding; caption_phrase: the noun phrase's states there",
     )
     steps: list[int] | None = Field(
         default=None, description="denoising step indices to aggregate (0 = first); None = all"
@@ -157,6 +157,13 @@ class CaptureConfig(Section):
         if any(not word.strip() for word in value):
             raise ValueError("background concepts must be words, not blanks")
         return value
+
+    @model_validator(mode="after")
+    def _one_token_is_the_word(self) -> CaptureConfig:
+        if self.concept_tokens == "first" and self.concept_text == "caption_phrase":
+            raise ValueError("concept_tokens: first would read the phrase's first token, a modifier such as "
+                             "'red', not the concept; use mean or each with concept_text: caption_phrase")
+        return self
 
 
 UNET_RUNTIME_ONLY = {"compile", "channels_last"}

@@ -32,6 +32,8 @@ class ConceptSpan(Record):
     char_span: tuple[int, int]
     token_positions: list[int] = Field(description="indices into the tokenized prompt, BOS = 0")
     phrase: str | None = Field(default=None, description="the word with its modifiers in the prompt ('red circle')")
+    phrase_positions: list[int] = Field(
+        default_factory=list, description="indices of the noun phrase's tokens in the tokenized prompt (empty: the word's)")
 
 
 class PlannedSample(Record):

@@ -332,8 +332,10 @@ class PromptBuilder:
         for concept, span in found:
             word = prompt[span[0] : span[1]]
             positions = self.layout.positions(prompt, span)
+            phrase = noun_phrase(prompt, span)  # ends at the word: its modifiers are the text just before it
             spans.append(ConceptSpan(name=concept.name, class_id=concept.class_id, word=word, char_span=span,
-                                     token_positions=positions, phrase=noun_phrase(prompt, span)))
+                                     token_positions=positions, phrase=phrase,
+                                     phrase_positions=self.layout.positions(prompt, (span[1] - len(phrase), span[1]))))
         if background is None:
             background = prompt
             for span in spans:

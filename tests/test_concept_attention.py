@@ -45,9 +45,10 @@ def _two_object_batch(pipe):
     prompts = ["a photo of a brown dog and a zebra in a park", "a striped zebra in a kitchen"]
 
     def span(prompt, word, class_id, phrase):  # phrase: the noun phrase the prompt builder records
-        start = prompt.index(word)
-        return ConceptSpan(name=word, class_id=class_id, word=word, char_span=(start, start + len(word)),
-                           token_positions=layout.positions(prompt, (start, start + len(word))), phrase=phrase)
+        start, end = prompt.index(word), prompt.index(word) + len(word)
+        return ConceptSpan(name=word, class_id=class_id, word=word, char_span=(start, end),
+                           token_positions=layout.positions(prompt, (start, end)), phrase=phrase,
+                           phrase_positions=layout.positions(prompt, (end - len(phrase), end)))
 
     spans = [[span(prompts[0], "dog", 1, "brown dog"), span(prompts[0], "zebra", 2, "zebra")],
              [span(prompts[1], "zebra", 2, "striped zebra")]]
@@ -87,13 +88,14 @@ class ReferenceConceptAttention:
         count = len(t5.tokenizer(word, add_special_tokens=False).input_ids)
         return embeds[0, t5.offset : t5.offset + (1 if self.tokens == "first" else count)]
 
-    def caption_tokens(self, prompt: str, word: str) -> torch.Tensor:
-        """The word's T5 states inside the whole prompt's encoding (concept_text: caption)."""
+    def caption_tokens(self, prompt: str, phrase: str) -> torch.Tensor:
+        """A word's or noun phrase's T5 states inside the whole prompt's encoding (concept_text:
+        caption, caption_phrase)."""
         t5 = self.layout.segments[-1]
         embeds, _ = self.family.encode_text(self.pipe, self.layout, [prompt])
-        start = prompt.index(word)
+        start = prompt.index(phrase)
         offsets = t5.tokenizer(prompt, return_offsets_mapping=True).offset_mapping
-        hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < start + len(word) and b > start]
+        hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < start + len(phrase) and b > start]
         return embeds[0, [t5.offset + i for i in (hits[:1] if self.tokens == "first" else hits)]]
 
     def start(self, module, args, kwargs):
@@ -193,8 +195,8 @@ def _captured_and_reference(dit, tokens: str, variant: str, text: str = "word"):
     batch, layout = _two_object_batch(pipe)
     latent = TEST_IMAGE_SIZE // pipe.vae_scale_factor
     plain, _ = _generate_plain(name, pipe, batch, layout, lambda layer, log: DEFAULT_PROCESSORS[name]())
-    concepts = [[s.phrase if text == "phrase" else s.word for s in spans] for spans in batch["concepts"]]
-    prompts = batch["prompt"] if text == "caption" else None
+    concepts = [[s.phrase if text in ("phrase", "caption_phrase") else s.word for s in spans] for spans in batch["concepts"]]
+    prompts = batch["prompt"] if text in ("caption", "caption_phrase") else None
     reference = ReferenceConceptAttention(pipe, concepts, ["background"], tokens, variant, prompts)
     reference_image, _ = _generate_plain(name, pipe, batch, layout, lambda layer, log: DEFAULT_PROCESSORS[name]())
     expected = reference.heatmaps(2, latent)
@@ -229,12 +231,13 @@ def test_phrase_concepts_are_the_reference_math_over_the_prompts_noun_phrases(di
     assert np.abs(captured - words).max() > 1e-3
 
 
-@pytest.mark.parametrize("tokens", ["first", "mean"])
-def test_caption_concepts_are_the_reference_math_over_the_prompts_own_states(dit, tokens):
+@pytest.mark.parametrize(("tokens", "text"), [("first", "caption"), ("mean", "caption"), ("mean", "caption_phrase")])
+def test_caption_concepts_are_the_reference_math_over_the_prompts_own_states(dit, tokens, text):
     """concept_text: caption: the concept stream starts from the prompt's own T5 states at the
-    word ("zebra" is several tokens; "dog" is read beside "brown"), and the maps are the
-    reference's over those states, not those of the word encoded alone."""
-    name, captured, expected = _captured_and_reference(dit, tokens, "reference", "caption")
+    word ("zebra" is several tokens; "dog" is read beside "brown"), caption_phrase at the whole
+    noun phrase ("brown dog"), and the maps are the reference's over those states, not those of
+    the word encoded alone."""
+    name, captured, expected = _captured_and_reference(dit, tokens, "reference", text)
     assert expected[:, 0].max() - expected[:, 0].min() > 1e-3
     np.testing.assert_allclose(captured, expected, rtol=1e-4, atol=1e-5)
     _, words, _ = _captured_and_reference(dit, tokens, "reference", "word")

@@ -36,6 +36,8 @@ def _run_cli(capsys, config_path, out):
         (lambda d: d["prompts"]["concepts"][1].update(class_id=1), "prompts", "class_id values must be unique"),
         (lambda d: d["prompts"]["concepts"][0].update(class_id=255), "class_id", "less than or equal to 254"),
         (lambda d: d.update(annotate={"steps_per_call": 0}), "annotate.steps_per_call", "greater than or equal to 1"),
+        (lambda d: d.update(capture={"concept_tokens": "first", "concept_text": "caption_phrase"}), "capture",
+         "the phrase's first token"),
     ],
 )
 def test_config_errors_are_one_clear_line(capsys, config_dict, write_config, tmp_path, mutate, field, words):

@@ -284,6 +284,10 @@ def test_template_prompts_record_each_concepts_noun_phrase(tokenizer):
     prompt, _, _, spans = builder(0, np.random.default_rng(0))
     assert prompt in ("a red circle and a red square on a gray background", "a red square and a red circle on a gray background")
     assert {s.word: s.phrase for s in spans} == {"circle": "red circle", "square": "red square"}
+    for span in spans:  # the phrase's tokens: the word's and the colour's just before them
+        phrase_chars = (span.char_span[1] - len(span.phrase), span.char_span[1])
+        assert prompt[phrase_chars[0] : phrase_chars[1]] == span.phrase
+        assert span.phrase_positions == [span.token_positions[0] - 1, *span.token_positions]
 
 
 @given(st.lists(st.sampled_from(["red", "big", "old-fashioned", "striped", "tiny"]), max_size=3),

@@ -18,7 +18,8 @@ before one softmax, and the concepts' own pooled text in the modulation.
 `capture.concept_text: phrase` encodes a concept as its noun phrase in the prompt ("red circle")
 instead of the bare word, so that objects told apart by their modifiers get apart queries.
 `caption` takes the concept word's own states from the prompt's encoding, where the text encoder
-has already read it beside its modifiers, instead of encoding anything again.
+has already read it beside its modifiers, instead of encoding anything again; `caption_phrase`
+takes the states of its whole noun phrase there ("red" and "circle" as the prompt put them).
 
 `capture.concept_tokens` says how a word of several T5 tokens counts: `mean` averages its
 tokens' dot products into the word's logit, `each` lets every token compete in the softmax
@@ -39,6 +40,9 @@ from diffusers.models.embeddings import apply_rotary_emb
 from maskmint.schemas.config import CaptureConfig
 from maskmint.schemas.records import ConceptSpan
 from maskmint.stages.capture.store import StepGate, as_grid, fold, tensor_bytes, upsample
+
+
+FROM_PROMPT = ("caption", "caption_phrase")  # concept texts read from the prompt's own encoding
 
 
 def word_token_positions(layout, word: str) -> list[int]:
@@ -86,14 +90,15 @@ class ConceptAttentionStore:
         if not self.reference:
             background = list(self.config.background_concepts)
             _, self.pooled = self.family.encode_text(self.pipe, self.layout, [" ".join(ws + background) for ws in words])
-        self.initial = None if text == "caption" else self._concept_embeddings(words, None)
+        self.initial = None if text in FROM_PROMPT else self._concept_embeddings(words, None)
         self.sums, self.terms, self.copies = None, 0, 1
         self.gate.start()
 
     def _concept_embeddings(self, words: list[list[str]], prompt_states: torch.Tensor | None) -> torch.Tensor:
         """The concepts' token slots [B, S, width] after the context embedder, each slot owned by
         one concept. An object's tokens are its word encoded alone, or (prompt_states given) the
-        prompt's own states at the word's positions; background concepts are always encoded alone."""
+        prompt's own states at the word's (or its noun phrase's) positions; background concepts are always
+        encoded alone."""
         background = list(self.config.background_concepts)
         kinds = self.objects + len(background)
         first = self.config.concept_tokens == "first"
@@ -104,12 +109,14 @@ class ConceptAttentionStore:
             positions = word_token_positions(self.layout, word) or [self.layout.segments[-1].offset]
             tokens_of[word] = embeds[row, positions[:1] if first else positions]
         t5 = self.layout.segments[-1].offset
+        phrase = self.config.concept_text == "caption_phrase"
         per_sample = []
         for b, ws in enumerate(words):
             if prompt_states is None:
                 own = [tokens_of[w] for w in ws]
-            else:  # the word's T5 positions, as a word encoded alone has T5 tokens only
-                positions = [[i for i in span.token_positions if i >= t5] for span in self.concepts[b]]
+            else:  # the word's (or phrase's) T5 positions, as a text encoded alone has T5 tokens only
+                positions = [[i for i in ((phrase and span.phrase_positions) or span.token_positions) if i >= t5]
+                             for span in self.concepts[b]]
                 own = [prompt_states[b, p[:1] if first else p] for p in positions]
             per_sample.append(own + [None] * (self.objects - len(own)) + [tokens_of[w] for w in background])
         slots = max(sum(len(t) for t in ts if t is not None) for ts in per_sample)
