@@ -7,6 +7,10 @@ Each side is one or more `bench.quality` JSON files run on the same prompts in t
 faithful samples). The prompts are resampled with replacement, the same indices for both
 sides, and mIoU (`bench.quality.class_mean`) is taken on each side: the figure is A's mIoU
 minus B's, with its 95% interval and the share of resamples in which A is below B.
+
+`--both-faithful` keeps only the prompts both models drew faithfully, so that both mIoUs are
+taken over the very same images' prompts: a prompt one model fails to draw then counts for
+neither, instead of for the other model alone.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ def miou(samples: list[dict], indices, stage: str) -> float:
 
 
 def paired_difference(a: list[dict], b: list[dict], stage: str = "refined", resamples: int = 2000,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, both_faithful: bool = False) -> dict:
     if [s["prompt"] for s in a] != [s["prompt"] for s in b]:
         raise ValueError("the two sides were not run on the same prompts in the same order")
+    if both_faithful:
+        kept = [i for i in range(len(a)) if a[i]["faithful"] and b[i]["faithful"]]
+        a, b = [a[i] for i in kept], [b[i] for i in kept]
     everything = np.arange(len(a))
     rng = np.random.default_rng(seed)
     differences = []
@@ -58,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=["weak", "refined"], default="refined")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--both-faithful", action="store_true",
+                        help="score only the prompts both sides drew faithfully")
     args = parser.parse_args(argv)
     try:
-        result = paired_difference(load(args.a), load(args.b), args.stage, args.resamples, args.seed)
+        result = paired_difference(load(args.a), load(args.b), args.stage, args.resamples, args.seed,
+                                   args.both_faithful)
     except (OSError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -156,12 +156,14 @@ def test_toy_flux_dev_draws_more_faithfully_with_its_distilled_guidance():
 # samples: the bare shape words mix the shapes up (heat AUC 0.852, confusion 24.0%); their noun
 # phrases ("red circle") reach AUC 0.983, confusion 0.04%, final mIoU 0.985. The toy Flux-dev, 16
 # samples: the bare words confuse 8.33% (final mIoU 0.789), the noun phrases 3.50% (0.881), the
-# words' own states in the prompt's encoding 1.08% (AUC 0.985, mIoU 0.929); the floors for
-# `caption` are set so that the phrases' figures fail them.
+# words' own states in the prompt's encoding 1.08% (AUC 0.985, mIoU 0.929), their noun phrases'
+# states there 1.03% (AUC 0.985, mIoU 0.931); the floors for `caption` and `caption_phrase` are
+# set so that the phrases' figures fail them.
 @pytest.mark.parametrize(("name", "text", "samples", "least"), [
     ("toy-flux", "phrase", 8, {"heat_auc": 0.933, "confusion": 0.05, "refined_miou": 0.935}),
     ("toy-flux-dev", "caption", 16, {"heat_auc": 0.955, "confusion": 0.025, "refined_miou": 0.90}),
-], ids=["toy-flux-phrase", "toy-flux-dev-caption"])
+    ("toy-flux-dev", "caption_phrase", 16, {"heat_auc": 0.955, "confusion": 0.025, "refined_miou": 0.90}),
+], ids=["toy-flux-phrase", "toy-flux-dev-caption", "toy-flux-dev-caption-phrase"])
 def test_concepts_with_their_modifiers_tell_the_toy_shapes_apart(name, text, samples, least):
     data = load_config(REPO / "configs" / f"{name}.yaml").model_dump(mode="json")
     data["prompts"]["concepts_per_image"], data["execution"]["seed"] = 2, 7
@@ -352,6 +354,13 @@ def test_paired_bootstrap_reads_a_fixed_gap_exactly_and_refuses_unpaired_prompts
     assert result["a"] == pytest.approx((0.9 + class_2) / 2)
     assert result["b"] == pytest.approx((np.mean([0.8] * 6 + [0.5]) + class_2 - 0.1) / 2)
     assert result["prompts"] == 7 and result["interval_95"][0] <= result["difference"] <= result["interval_95"][1]
+
+    # on the prompts both drew faithfully, B's lone p6 drops out too: the gap is exactly 0.1
+    assert paired.main(["--a", str(tmp_path / "a.json"), "--b", str(tmp_path / "b.json"), "--resamples", "200",
+                        "--both-faithful"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["prompts"] == 6 and result["difference"] == pytest.approx(0.1)
+    assert result["interval_95"] == pytest.approx([0.1, 0.1])
 
     (tmp_path / "c.json").write_text(json.dumps({"samples": list(reversed(b))}))
     assert paired.main(["--a", str(tmp_path / "a.json"), "--b", str(tmp_path / "c.json")]) == 2
