@@ -45,7 +45,8 @@ def _two_object_batch(pipe):
     prompts = ["a photo of a brown dog and a zebra in a park", "a striped zebra in a kitchen"]
 
     def span(prompt, word, class_id, phrase):  # phrase: the noun phrase the prompt builder records
-        start, end = prompt.index(word), prompt.index(word) + len(word)
+        start = prompt.index(word)
+        end = start + len(word)
         return ConceptSpan(name=word, class_id=class_id, word=word, char_span=(start, end),
                            token_positions=layout.positions(prompt, (start, end)), phrase=phrase,
                            phrase_positions=layout.positions(prompt, (end - len(phrase), end)))
