@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.toyworld import SIZE, WORDS, render_scene
+from bench.toyworld import BACKGROUND_KINDS, SIZE, UNSEEN_CAPTIONS, WORDS, render_scene
 from bench.training import (
     Checkpoint,
     log,
@@ -50,9 +50,10 @@ MAX_TOKENS = 24  # the longest caption (three objects) is 18 tokens with BOS/EOS
 DECODER_EMPTY_SHARE = 0.4  # the decoder stage leans on the object-free scenes it was failing
 
 
-def scenes_batch(rng: np.random.Generator, size: int, empty_share: float = 0.1):
+def scenes_batch(rng: np.random.Generator, size: int, empty_share: float = 0.1,
+                 kinds: tuple[str, ...] = BACKGROUND_KINDS):
     """Images in [-1, 1] NCHW and their captions; some scenes have no object at all."""
-    scenes = [render_scene(rng, n_objects=0 if rng.random() < empty_share else None) for _ in range(size)]
+    scenes = [render_scene(rng, n_objects=0 if rng.random() < empty_share else None, kinds=kinds) for _ in range(size)]
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
     return images, [s.caption for s in scenes]
 
@@ -230,6 +231,7 @@ def train_unet(
 
 def train_decoder(
     text_encoder, vae, unet, tokenizer, steps: int, batch: int, rng, handle, empty_share: float, checkpoint: Checkpoint,
+    kinds: tuple[str, ...] = BACKGROUND_KINDS,
 ) -> None:
     noise_scheduler = noise_schedule()
     alphas = noise_scheduler.alphas_cumprod
@@ -243,7 +245,7 @@ def train_decoder(
     vae.decoder.train()
     start, running = time.time(), 0.0
     for step in range(first + 1, steps + 1):
-        images, captions = scenes_batch(rng, batch, empty_share)
+        images, captions = scenes_batch(rng, batch, empty_share, kinds)
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mean * scale
             ids = caption_ids(tokenizer, captions)
@@ -285,6 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--decoder-steps", type=int, default=600)
     parser.add_argument("--decoder-batch", type=int, default=32)
+    parser.add_argument("--decoder-kinds", nargs="+", default=list(BACKGROUND_KINDS),
+                        choices=[*BACKGROUND_KINDS, *UNSEEN_CAPTIONS],
+                        help="background kinds of the decoder stage's scenes: a decoder that can draw a pattern the "
+                             "UNet never learnt, as a real VAE can")
     parser.add_argument("--empty-share", type=float, default=0.1,
                         help="share of object-free scenes: removal asks the model for exactly those")
     parser.add_argument("--offset-noise", type=float, default=0.0,
@@ -326,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint.save("decoder", 0, force=True)  # the EMA weights are in place: the UNet stage is over
         if args.decoder_steps and not checkpoint.reached("decoder"):
             train_decoder(text_encoder, vae, unet, tokenizer, args.decoder_steps, args.decoder_batch, rng, handle,
-                          DECODER_EMPTY_SHARE, checkpoint)
+                          DECODER_EMPTY_SHARE, checkpoint, tuple(args.decoder_kinds))
         save_pipeline(args.out, text_encoder, vae, unet, tokenizer)
         minutes = checkpoint.minutes()
         write_provenance(args.out, vars(args), minutes, log_path, read_provenance(args.resume),
