@@ -13,6 +13,10 @@
    and final foreground IoU (the final mask's 255 band left out of both, as bench.quality
    scores it; `final_iou_band_as_background` counts it as background instead).
 
+`--vae assets/tiny-sd-pattern-decoder` decodes with the toy VAE whose decoder was also taught
+these patterns (`bench.train_toy_model --decoder-kinds`): the shipped one tints their edges,
+which bounds what any removal through it can reach; the UNet and latent space stay the same.
+
 Writes OUT/distill-toy-TAG.json (TAG: lr, rank, steps); `--json PATH` copies it (bench/distill-toy.json).
 """
 
@@ -60,9 +64,14 @@ def write_split(out: Path, count: int, seed: int, kinds: tuple[str, ...]) -> Pat
     return out / "lines.jsonl"
 
 
-def annotate(lines: Path, count: int, out: Path, adapter: Path | None = None, shift_px: int = 0) -> None:
+SHIPPED_MODEL = REPO / "assets" / "tiny-sd"
+TRAIN_SEED, HELD_OUT_SEED = 21, 22
+
+
+def annotate(lines: Path, count: int, out: Path, adapter: Path | None = None, shift_px: int = 0,
+             model: Path = SHIPPED_MODEL) -> None:
     data = yaml.safe_load((REPO / "configs" / "annotate.yaml").read_text())
-    data["model"]["path"] = str(REPO / "assets" / "tiny-sd")
+    data["model"]["path"] = str(model)
     data["prompts"]["file"] = str(lines)
     data["output"] = {"samples": count, "shard_size": 16}
     data["execution"] = {"executor": "local"}
@@ -73,10 +82,24 @@ def annotate(lines: Path, count: int, out: Path, adapter: Path | None = None, sh
     run(parse_config(copy.deepcopy(data)), out, show_progress=False)
 
 
-def toy_vae():
+def with_vae(out: Path, vae_from: Path | None) -> Path:
+    """The shipped toy model, or the same model with another model folder's VAE: a decoder
+    taught the unseen patterns, as a real VAE draws them, while the UNet still never saw them."""
+    if vae_from is None:
+        return SHIPPED_MODEL
+    model = out / "model"
+    model.mkdir(parents=True, exist_ok=True)
+    for part in SHIPPED_MODEL.iterdir():
+        link = model / part.name
+        if not link.exists():
+            link.symlink_to((vae_from if part.name == "vae" else SHIPPED_MODEL).resolve() / part.name)
+    return model
+
+
+def toy_vae(model: Path = SHIPPED_MODEL):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(REPO / "assets" / "tiny-sd", subfolder="vae").eval()
+    return AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
 
 
 def vae_round_trip(split: Path, vae) -> dict:
@@ -140,14 +163,14 @@ def training_flops(run_dir: Path, scratch: Path) -> dict:
     return {"gflop_per_training_image": round(counter.get_total_flops() / 1e9, 3)}
 
 
-def rescore(out: Path) -> dict:
+def rescore(out: Path, model: Path = SHIPPED_MODEL) -> dict:
     """Scores of every held-out run under OUT/runs, and each split's VAE round trip."""
-    vae = toy_vae()
+    vae = toy_vae(model)
     results = {}
-    for name in ("unseen", "shipped"):
-        results[f"{name}_vae_round_trip"] = vae_round_trip(out / "data" / name, vae)
-        for run_dir in sorted((out / "runs").glob(f"{name}-*")):
-            results[run_dir.name] = score(run_dir, out / "data" / name)
+    for split in sorted(p for p in (out / "data").iterdir() if p.name != "train"):
+        results[f"{split.name}_vae_round_trip"] = vae_round_trip(split, vae)
+        for run_dir in sorted((out / "runs").glob(f"{split.name}-with*")):
+            results[run_dir.name] = score(run_dir, split)
     return results
 
 
@@ -168,8 +191,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="distill --background-margin-px")
     parser.add_argument("--domain", choices=["fine", "coarse"], default="fine",
                         help="the unseen backgrounds: 4-9 px patterns, or 12-18 px ones the toy VAE can draw back")
+    parser.add_argument("--test-seed", type=int, default=HELD_OUT_SEED,
+                        help="the held-out splits' seed; tune on another, report on the default")
     parser.add_argument("--refine-shift", type=int, default=0,
                         help="refine.shift_px of the held-out runs, with and without the adapter")
+    parser.add_argument("--vae", type=Path, default=None, metavar="MODEL",
+                        help="decode with this toy model folder's VAE (e.g. bench.train_toy_model --decoder-kinds "
+                             "with the unseen patterns) instead of the shipped one; the UNet stays the shipped one")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--rescore", action="store_true",
                         help="only score every run already under OUT/runs again (with today's scores)")
@@ -180,19 +208,21 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(training_flops(args.flops, out / "flops-scratch")))
         return 0
     if args.rescore:
-        results = rescore(out)
+        results = rescore(out, with_vae(out, args.vae))
         print(json.dumps(results, indent=1))
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
         return 0
     unseen = tuple(COARSE_UNSEEN_KINDS if args.domain == "coarse" else UNSEEN_KINDS)
+    seed = "" if args.test_seed == HELD_OUT_SEED else f"-seed{args.test_seed}"
     splits = {
-        "train": write_split(out / "data" / "train", args.train, 21, unseen),
-        "unseen": write_split(out / "data" / "unseen", args.test, 22, unseen),
-        "shipped": write_split(out / "data" / "shipped", args.test, 22, BACKGROUND_KINDS),
+        "train": write_split(out / "data" / "train", args.train, TRAIN_SEED, unseen),
+        "unseen": write_split(out / "data" / f"unseen{seed}", args.test, args.test_seed, unseen),
+        "shipped": write_split(out / "data" / f"shipped{seed}", args.test, args.test_seed, BACKGROUND_KINDS),
     }
+    model = with_vae(out, args.vae)
     started = time.perf_counter()
-    annotate(splits["train"], args.train, out / "runs" / "train")
+    annotate(splits["train"], args.train, out / "runs" / "train", model=model)
     annotate_seconds = time.perf_counter() - started
     tag = (f"lr{args.lr:g}-rank{args.rank}-steps{args.steps}" + ("-coarse" if args.domain == "coarse" else "")
            + (f"-concept{args.concept_share:g}" if args.concept_share != DistillConfig().concept_share else "")
@@ -208,17 +238,20 @@ def main(argv: list[str] | None = None) -> int:
                "annotate_train_seconds": round(annotate_seconds, 1),
                "train_seconds_per_1000_images_seen": round(report["train_seconds"] * 1000 /
                                                            (report["steps_done"] * report["options"]["batch_size"]), 1)}
-    vae = toy_vae()
+    vae = toy_vae(model)
     results["domain"] = args.domain
+    results["test_seed"] = args.test_seed
+    results["vae"] = str(args.vae) if args.vae else "shipped"
     for name in ("unseen", "shipped"):
         results[f"{name}_vae_round_trip"] = vae_round_trip(splits[name].parent, vae)
         for label, used in (("without", None), ("with", adapter)):
-            run_dir = out / "runs" / (f"{name}-without{held_out}" if used is None else f"{name}-with-{tag}{held_out}")
-            annotate(splits[name], args.test, run_dir, used, args.refine_shift)
+            split = splits[name].parent.name
+            run_dir = out / "runs" / (f"{split}-without{held_out}" if used is None else f"{split}-with-{tag}{held_out}")
+            annotate(splits[name], args.test, run_dir, used, args.refine_shift, model)
             results[f"{name}_{label}"] = score(run_dir, splits[name].parent)
             print(name, label, results[f"{name}_{label}"], flush=True)
     results["refine_shift_px"] = args.refine_shift
-    (out / f"distill-toy-{tag}{held_out}.json").write_text(json.dumps(results, indent=1))
+    (out / f"distill-toy-{tag}{held_out}{seed}.json").write_text(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
