@@ -90,9 +90,11 @@ def with_vae(out: Path, vae_from: Path | None) -> Path:
     model = out / "model"
     model.mkdir(parents=True, exist_ok=True)
     for part in SHIPPED_MODEL.iterdir():
-        link = model / part.name
+        link, target = model / part.name, (vae_from if part.name == "vae" else SHIPPED_MODEL).resolve() / part.name
+        if link.is_symlink() and link.resolve() != target:  # an earlier --vae: point it at this one
+            link.unlink()
         if not link.exists():
-            link.symlink_to((vae_from if part.name == "vae" else SHIPPED_MODEL).resolve() / part.name)
+            link.symlink_to(target)
     return model
 
 
@@ -243,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     results["test_seed"] = args.test_seed
     results["vae"] = str(args.vae) if args.vae else "shipped"
     for name in ("unseen", "shipped"):
-        results[f"{name}_vae_round_trip"] = vae_round_trip(splits[name].parent, vae)
+        split = splits[name].parent
+        results[f"{name}_vae_round_trip"] = vae_round_trip(split, vae)
         for label, used in (("without", None), ("with", adapter)):
-            split = splits[name].parent.name
-            run_dir = out / "runs" / (f"{split}-without{held_out}" if used is None else f"{split}-with-{tag}{held_out}")
+            run_dir = out / "runs" / (f"{split.name}-without{held_out}" if used is None
+                                      else f"{split.name}-with-{tag}{held_out}")
             annotate(splits[name], args.test, run_dir, used, args.refine_shift, model)
-            results[f"{name}_{label}"] = score(run_dir, splits[name].parent)
+            results[f"{name}_{label}"] = score(run_dir, split)
             print(name, label, results[f"{name}_{label}"], flush=True)
     results["refine_shift_px"] = args.refine_shift
     (out / f"distill-toy-{tag}{held_out}{seed}.json").write_text(json.dumps(results, indent=1))

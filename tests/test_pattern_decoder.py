@@ -39,11 +39,14 @@ def test_pattern_decoder_keeps_the_latent_space_and_draws_the_unseen_patterns_ba
                                                      getattr(taught, part).state_dict().values()))
     assert not torch.equal(shipped.decoder.conv_out.weight, taught.decoder.conv_out.weight)
     assert (tmp_path / "model" / "unet").resolve() == (REPO / "assets" / "tiny-sd" / "unet").resolve()
+    distill_toy.with_vae(tmp_path, REPO / "assets" / "tiny-sd")  # asked again with another VAE: it follows
+    assert (tmp_path / "model" / "vae").resolve() == (REPO / "assets" / "tiny-sd" / "vae").resolve()
+    distill_toy.with_vae(tmp_path, decoder)
 
-    unseen = distill_toy.write_split(tmp_path / "unseen", 8, 22, tuple(COARSE_UNSEEN_KINDS)).parent
+    unseen = distill_toy.write_split(tmp_path / "unseen", 8, distill_toy.HELD_OUT_SEED, tuple(COARSE_UNSEEN_KINDS)).parent
     before, after = distill_toy.vae_round_trip(unseen, shipped), distill_toy.vae_round_trip(unseen, taught)
     assert after["background_error_in_objects"] < 0.6 * before["background_error_in_objects"]
     assert before["object_colour_left"] > 0.01 and after["object_colour_left"] == 0.0
-    seen = distill_toy.write_split(tmp_path / "shipped", 8, 22, BACKGROUND_KINDS).parent
+    seen = distill_toy.write_split(tmp_path / "shipped", 8, distill_toy.HELD_OUT_SEED, BACKGROUND_KINDS).parent
     assert distill_toy.vae_round_trip(seen, taught)["background_error_in_objects"] < \
         distill_toy.vae_round_trip(seen, shipped)["background_error_in_objects"] + 1.5
