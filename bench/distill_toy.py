@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only score every run already under OUT/runs again (with today's scores)")
     parser.add_argument("--flops", type=Path, metavar="RUN", help="only count one training image's FLOPs on RUN")
     args = parser.parse_args(argv)
+    if args.vae is not None and not (args.vae / "vae").is_dir():
+        parser.error(f"--vae {args.vae}: no vae/ folder there (a toy model folder such as assets/tiny-sd-pattern-decoder)")
     out = args.out
     if args.flops:
         print(json.dumps(training_flops(args.flops, out / "flops-scratch")))

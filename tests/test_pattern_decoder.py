@@ -50,3 +50,15 @@ def test_pattern_decoder_keeps_the_latent_space_and_draws_the_unseen_patterns_ba
     seen = distill_toy.write_split(tmp_path / "shipped", 8, distill_toy.HELD_OUT_SEED, BACKGROUND_KINDS).parent
     assert distill_toy.vae_round_trip(seen, taught)["background_error_in_objects"] < \
         distill_toy.vae_round_trip(seen, shipped)["background_error_in_objects"] + 1.5
+
+
+def test_distill_benchmark_refuses_a_vae_folder_without_a_vae_in_one_line(tmp_path, capsys):
+    import pytest
+
+    from bench import distill_toy
+
+    with pytest.raises(SystemExit) as exit_:
+        distill_toy.main(["--out", str(tmp_path / "out"), "--vae", str(tmp_path)])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--vae" in error and "no vae/ folder" in error and not (tmp_path / "out").exists()
