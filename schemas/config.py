@@ -176,7 +176,10 @@ INPUT_FILES = {"concepts_file", "file"}
 INPUT_FOLDERS = {"images"}
 # Options added after runs were made, whose off value computes exactly what maskmint did
 # before them: left out of the hash while off, so those runs still resume.
-NEUTRAL_WHEN_OFF = (("refine", "shift_px", 0), ("refine", "segment_vote", None), ("refine", "segment_scale", 200.0))
+NEUTRAL_WHEN_OFF = (
+    ("refine", "shift_px", 0), ("refine", "segment_vote", None), ("refine", "segment_scale", 200.0),
+    ("mask", "guide_px", None), ("mask", "guide_colour", 20.0),
+)
 
 
 class RunConfig(Section):

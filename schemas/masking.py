@@ -30,6 +30,16 @@ class MaskConfig(Section):
         "maps as they are, for capture.recipe concept_attention, whose maps are already each pixel's share of "
         "the softmax over the objects and the background concepts",
     )
+    guide_px: int | None = Field(
+        default=None, ge=2, le=256,
+        description="the side of the maps' token cells in image pixels (8 on the toy Flux; 16 on Flux and SD3 "
+        "at their VAE's 8 x and patch 2): each map is read again from its cells at pixel size by joint bilateral "
+        "upsampling guided by the image's colour, so the maps' edges follow the image's; None: the capture's "
+        "bicubic upsampling, blind to the image",
+    )
+    guide_colour: float = Field(
+        default=20.0, gt=0.0, description="guide_px: the Lab distance at which a cell's weight falls to e^-1/2"
+    )
     band_low: float = Field(default=0.3, gt=0.0, lt=1.0, description="threshold 'band': below it, background")
     band_high: float = Field(default=0.6, gt=0.0, lt=1.0, description="threshold 'band': from it, the class")
     open_px: int = Field(default=1, ge=0, description="radius of the opening that removes specks")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from skimage.filters import threshold_otsu
 from sklearn.mixture import GaussianMixture
 
 from maskmint.schemas.config import MaskConfig
 from maskmint.schemas.records import BACKGROUND_ID, IGNORE_INDEX
-from maskmint.stages.masks import clean, orphan_filter
+from maskmint.stages.masks import clean, orphan_filter, to_lab
 
 
 def normalise(heat: np.ndarray) -> np.ndarray:
@@ -16,6 +17,43 @@ def normalise(heat: np.ndarray) -> np.ndarray:
     low = heat.min(axis=(-2, -1), keepdims=True)
     span = heat.max(axis=(-2, -1), keepdims=True) - low
     return np.where(span > 0, (heat - low) / np.where(span > 0, span, 1), 0).astype(np.float32)
+
+
+GUIDE_REACH = 2  # cells each side of a pixel's own that joint upsampling reads (4 x 4 in all)
+
+
+def guided_heat(heat: np.ndarray, image: np.ndarray, cell_px: int, colour_sigma: float) -> np.ndarray:
+    """Maps [C, H, W] read again from their token cells by joint bilateral upsampling (Kopf et
+    al. 2007): a pixel takes the nearby cells' values weighted by distance (sigma one cell) and by
+    how close each cell's mean Lab colour is to its own, so a map's edges move onto the image's.
+    The capture's bicubic upsampling is blind to the image, which puts a small object's edge, or
+    an object half hidden behind another, on the wrong side of a colour edge by up to a cell."""
+    channels, height, width = heat.shape
+    rows, cols = max(1, round(height / cell_px)), max(1, round(width / cell_px))
+    cells = np.stack([cv2.resize(m, (cols, rows), interpolation=cv2.INTER_AREA).reshape(rows, cols)
+                      for m in heat.astype(np.float32)])
+    lab = to_lab(image)
+    cell_lab = cv2.resize(lab, (cols, rows), interpolation=cv2.INTER_AREA).reshape(rows, cols, 3)
+    # each pixel centre in cell units, and the 4 x 4 cells around it
+    at_y = (np.arange(height) + 0.5) * rows / height - 0.5
+    at_x = (np.arange(width) + 0.5) * cols / width - 0.5
+    base_y, base_x = np.floor(at_y).astype(int), np.floor(at_x).astype(int)
+    offsets = [(dy, dx) for dy in range(1 - GUIDE_REACH, GUIDE_REACH + 1) for dx in range(1 - GUIDE_REACH, GUIDE_REACH + 1)]
+    log_weights = np.empty((len(offsets), height, width), np.float32)
+    for k, (dy, dx) in enumerate(offsets):
+        cy, cx = base_y + dy, base_x + dx
+        qy, qx = np.clip(cy, 0, rows - 1), np.clip(cx, 0, cols - 1)
+        spatial = -((at_y - qy)[:, None] ** 2 + (at_x - qx)[None, :] ** 2) / 2.0
+        gap = lab - cell_lab[qy][:, qx]
+        colour = -np.einsum("hwc,hwc->hw", gap, gap) / (2.0 * colour_sigma**2)
+        inside = ((cy >= 0) & (cy < rows))[:, None] & ((cx >= 0) & (cx < cols))[None, :]
+        log_weights[k] = np.where(inside, spatial + colour, -np.inf)
+    weights = np.exp(log_weights - log_weights.max(axis=0))
+    guided = np.zeros((channels, height, width), np.float32)
+    for k, (dy, dx) in enumerate(offsets):
+        qy, qx = np.clip(base_y + dy, 0, rows - 1), np.clip(base_x + dx, 0, cols - 1)
+        guided += weights[k] * cells[:, qy][:, :, qx]
+    return guided / weights.sum(axis=0)
 
 
 GMM_SAMPLE = 4096  # map values the mixture is fitted on
@@ -95,6 +133,10 @@ class WeakMask:
         self.config = config
 
     def __call__(self, batch: dict) -> dict:
-        heat = scaled(batch["heatmap"], self.config)
+        maps, config = batch["heatmap"], self.config
+        if config.guide_px is not None:
+            maps = np.stack([guided_heat(m, image, config.guide_px, config.guide_colour)
+                             for m, image in zip(maps, batch["image"])])
+        heat = scaled(maps, config)
         masks = [weak_mask(h, [c.class_id for c in spans], self.config) for h, spans in zip(heat, batch["concepts"])]
         return {"heat": heat, "weak_mask": np.stack(masks)}
