@@ -79,8 +79,9 @@ class ShardWorker:
             pipe = load_text_to_image(config.model, device, pick_dtype(config.model.dtype, device))
         self.generate = Generate(pipe, config.generation, config.capture)
         self.plan = Plan(config, self.generate.layout, root)
-        self.weak_mask = WeakMask(config.mask)
         family, inpaint = self.generate.family, load_inpainting(pipe, config.model)
+        cell_px = pipe.vae_scale_factor * family.map_cell(config.capture, family.denoiser(pipe).config)
+        self.weak_mask = WeakMask(config.mask, model_cell_px=cell_px)
         self.remove = Remove(inpaint, config.removal, family.removal_prompts(self.generate.layout),
                              reuse_latents=family.reuses_generation_latents(family.denoiser(inpaint).config),
                              denoiser=family.denoiser(inpaint))

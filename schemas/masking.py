@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -30,12 +30,13 @@ class MaskConfig(Section):
         "maps as they are, for capture.recipe concept_attention, whose maps are already each pixel's share of "
         "the softmax over the objects and the background concepts",
     )
-    guide_px: int | None = Field(
-        default=None, ge=2, le=256,
+    guide_px: Annotated[int, Field(ge=2, le=256)] | Literal["auto"] | None = Field(
+        default=None,
         description="the side of the maps' token cells in image pixels (8 on the toy Flux; 16 on Flux and SD3 "
         "at their VAE's 8 x and patch 2): each map is read again from its cells at pixel size by joint bilateral "
-        "upsampling guided by the image's colour, so the maps' edges follow the image's; None: the capture's "
-        "bicubic upsampling, blind to the image",
+        "upsampling guided by the image's colour, so the maps' edges follow the image's; auto: the model's own "
+        "(the VAE's factor x the token size, or a UNet's finest attention read); None: the capture's bicubic "
+        "upsampling, blind to the image",
     )
     guide_colour: float = Field(
         default=20.0, gt=0.0, description="guide_px: the Lab distance at which a cell's weight falls to e^-1/2"

@@ -129,13 +129,17 @@ def weak_mask(heat: np.ndarray, class_ids: list[int], config: MaskConfig) -> np.
 class WeakMask:
     """Batch stage: adds `heat` (normalised maps) and `weak_mask` (uint8 [B, H, W])."""
 
-    def __init__(self, config: MaskConfig):
+    def __init__(self, config: MaskConfig, model_cell_px: int | None = None):
+        """model_cell_px: the model's map cell in image pixels, which `guide_px: auto` takes."""
         self.config = config
+        self.guide_px = model_cell_px if config.guide_px == "auto" else config.guide_px
+        if self.guide_px is None and config.guide_px == "auto":
+            raise ValueError("mask.guide_px: auto needs the model's map cell")
 
     def __call__(self, batch: dict) -> dict:
         maps, config = batch["heatmap"], self.config
-        if config.guide_px is not None:
-            maps = np.stack([guided_heat(m, image, config.guide_px, config.guide_colour)
+        if self.guide_px is not None:
+            maps = np.stack([guided_heat(m, image, self.guide_px, config.guide_colour)
                              for m, image in zip(maps, batch["image"])])
         heat = scaled(maps, config)
         masks = [weak_mask(h, [c.class_id for c in spans], self.config) for h, spans in zip(heat, batch["concepts"])]

@@ -16,7 +16,10 @@ from skimage.color import rgb2lab
 
 from bench import quality
 from maskmint.pipeline.run import run
-from maskmint.schemas.config import ConfigError, MaskConfig, RefineConfig, RunConfig, load_config, parse_config
+from maskmint.pipeline.worker import ShardWorker
+from maskmint.schemas.config import (CaptureConfig, ConfigError, MaskConfig, RefineConfig, RunConfig, load_config,
+                                     parse_config)
+from maskmint.stages.families import FAMILIES
 from maskmint.stages.refine import refine_mask
 from maskmint.stages.weak_mask import WeakMask, guided_heat
 from tests.conftest import tar_fields
@@ -158,13 +161,53 @@ def test_guided_maps_tell_the_toy_flux_devs_two_shapes_apart():
     assert summary["confusion"] < 0.006, scores
 
 
+# Real models' map cells, from their published configs: SD 1.x cross-attends at 1, 2 and 4 times
+# below its 64 x 64 latent (8 px cells at 512 px); SDXL's first block has no attention, so its
+# finest is 2 (16 px); SD3 patches 2 x 2 latents; Flux packs 2 x 2 (its transformer's patch_size 1).
+@pytest.mark.parametrize(("family", "denoiser", "capture", "cell_px"), [
+    ("sd", {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}, {}, 8),
+    ("sd", {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}, {"skip_downscales": [1, 8]}, 16),
+    ("sdxl", {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]}, {}, 16),
+    ("sd3", {"patch_size": 2}, {}, 16),
+    ("flux", {"patch_size": 1}, {}, 16),
+])
+def test_auto_is_the_finest_map_cell_the_capture_reads(family, denoiser, capture, cell_px):
+    assert 8 * FAMILIES[family].map_cell(CaptureConfig(**capture), denoiser) == cell_px  # their VAEs: 8 x
+
+
+@pytest.mark.parametrize(("name", "cell_px"), [("toy-flux-dev", 8), ("multi", 4)])
+def test_auto_on_the_shipped_toy_models(name, cell_px, tmp_path):
+    """The toy Flux-dev: a 4 x VAE and 2 x 2 packing, 8 x 8 tokens at 64 px; the toy UNet: a 4 x
+    VAE and cross-attention at the latent's own 16 x 16, so 4 px."""
+    data = load_config(REPO / "configs" / f"{name}.yaml").model_dump(mode="json")
+    data["mask"]["guide_px"] = "auto"
+    worker = ShardWorker(RunConfig.model_validate(data), tmp_path)
+    try:
+        assert worker.weak_mask.guide_px == cell_px
+    finally:
+        worker.close()
+
+
+def test_auto_writes_what_the_resolved_cell_writes(config_dict, tmp_path):
+    stored = {}
+    for name, guide in (("auto", "auto"), ("explicit", 2)):  # the tiny UNet: a 2 x VAE, attention at the latent size
+        data = copy.deepcopy(config_dict)
+        data["output"] = {"samples": 2, "shard_size": 2}
+        data["mask"] = {"guide_px": guide}
+        run(parse_config(data), tmp_path / name, show_progress=False)
+        stored[name] = {key: {f: v for f, v in fields.items() if f != "json"}
+                        for key, fields in tar_fields(tmp_path / name).items()}
+    assert stored["auto"] == stored["explicit"] and len(stored["auto"]) == 2
+
+
 def test_a_run_made_before_guide_px_existed_keeps_its_hash_while_it_is_off():
     assert parse_config(MINIMAL).config_hash() == "715e6ae3b5881529"
     assert parse_config({**MINIMAL, "mask": {"guide_px": None, "guide_colour": 20}}).config_hash() == "715e6ae3b5881529"
     assert parse_config({**MINIMAL, "mask": {"guide_px": 8}}).config_hash() != "715e6ae3b5881529"
 
 
-@pytest.mark.parametrize("field, value", [("guide_px", 1), ("guide_px", "eight"), ("guide_colour", 0), ("guide_colour", -5)])
+@pytest.mark.parametrize("field, value", [("guide_px", 1), ("guide_px", "eight"), ("guide_px", 300), ("guide_colour", 0),
+                                          ("guide_colour", -5)])
 def test_a_guide_out_of_range_is_one_line(field, value):
     with pytest.raises(ConfigError) as error:
         parse_config({**MINIMAL, "mask": {field: value}})

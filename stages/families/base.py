@@ -212,6 +212,11 @@ class Family:
         """How many times the denoiser's token grid is smaller than the latent at its coarsest."""
         raise NotImplementedError
 
+    def map_cell(self, capture: CaptureConfig, denoiser_config: dict) -> int:
+        """Latent pixels per cell of the finest attention map `capture` reads (`mask.guide_px: auto`):
+        an MM-DiT has one token grid, so its coarsest is its finest."""
+        return self.denoiser_levels(denoiser_config)
+
     def check_capture_against(self, capture: CaptureConfig, denoiser_config: dict) -> None:
         """Refuse capture settings the denoiser's config shows would read no attention."""
 

@@ -109,14 +109,27 @@ class UNetFamily(Family):
     def denoiser_levels(self, denoiser_config: dict) -> int:
         return 2 ** (len(denoiser_config.get("down_block_types", [None])) - 1)
 
-    def check_capture_against(self, capture: CaptureConfig, unet: dict) -> None:
-        """The resolutions the UNet has attention at must include those the capture reads."""
+    @staticmethod
+    def attention_downscales(unet: dict) -> tuple[set[int], int | None]:
+        """The downscales of the UNet's cross-attention blocks, and its mid block's (None: none)."""
         blocks = unet.get("down_block_types", [])
         with_attention = {2**i for i, kind in enumerate(blocks) if "CrossAttn" in kind}
         mid_type = unet.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
-        mid = 2 ** (len(blocks) - 1) if "CrossAttn" in mid_type else None
+        return with_attention, (2 ** (len(blocks) - 1) if "CrossAttn" in mid_type else None)
+
+    def read_downscales(self, capture: CaptureConfig, unet: dict) -> set[int]:
+        with_attention, mid = self.attention_downscales(unet)
         cross = with_attention | ({mid} if capture.include_mid_block and mid else set())
-        if not cross - set(capture.skip_downscales):
+        return cross - set(capture.skip_downscales)
+
+    def map_cell(self, capture: CaptureConfig, unet: dict) -> int:
+        return min(self.read_downscales(capture, unet))
+
+    def check_capture_against(self, capture: CaptureConfig, unet: dict) -> None:
+        """The resolutions the UNet has attention at must include those the capture reads."""
+        with_attention, mid = self.attention_downscales(unet)
+        cross = with_attention | ({mid} if capture.include_mid_block and mid else set())
+        if not self.read_downscales(capture, unet):
             raise ModelLoadError(
                 f"capture.skip_downscales: {sorted(capture.skip_downscales)} leaves out every cross-attention "
                 f"resolution of this UNet (it has {sorted(cross)}{'' if capture.include_mid_block else ', mid block off'})"
