@@ -80,7 +80,8 @@ class ShardWorker:
         self.generate = Generate(pipe, config.generation, config.capture)
         self.plan = Plan(config, self.generate.layout, root)
         family, inpaint = self.generate.family, load_inpainting(pipe, config.model)
-        cell_px = pipe.vae_scale_factor * family.map_cell(config.capture, family.denoiser(pipe).config)
+        cell_px = (pipe.vae_scale_factor * family.map_cell(config.capture, family.denoiser(pipe).config)
+                   if config.mask.guide_px == "auto" else None)
         self.weak_mask = WeakMask(config.mask, model_cell_px=cell_px)
         self.remove = Remove(inpaint, config.removal, family.removal_prompts(self.generate.layout),
                              reuse_latents=family.reuses_generation_latents(family.denoiser(inpaint).config),
