@@ -39,10 +39,12 @@ def guided_heat(heat: np.ndarray, image: np.ndarray, cell_px: int, colour_sigma:
     at_x = (np.arange(width) + 0.5) * cols / width - 0.5
     base_y, base_x = np.floor(at_y).astype(int), np.floor(at_x).astype(int)
     offsets = [(dy, dx) for dy in range(1 - GUIDE_REACH, GUIDE_REACH + 1) for dx in range(1 - GUIDE_REACH, GUIDE_REACH + 1)]
+    neighbours = []  # each offset's cell row and column per pixel row and column
     log_weights = np.empty((len(offsets), height, width), np.float32)
     for k, (dy, dx) in enumerate(offsets):
         cy, cx = base_y + dy, base_x + dx
         qy, qx = np.clip(cy, 0, rows - 1), np.clip(cx, 0, cols - 1)
+        neighbours.append((qy, qx))
         spatial = -((at_y - qy)[:, None] ** 2 + (at_x - qx)[None, :] ** 2) / 2.0
         gap = lab - cell_lab[qy][:, qx]
         colour = -np.einsum("hwc,hwc->hw", gap, gap) / (2.0 * colour_sigma**2)
@@ -50,8 +52,7 @@ def guided_heat(heat: np.ndarray, image: np.ndarray, cell_px: int, colour_sigma:
         log_weights[k] = np.where(inside, spatial + colour, -np.inf)
     weights = np.exp(log_weights - log_weights.max(axis=0))
     guided = np.zeros((channels, height, width), np.float32)
-    for k, (dy, dx) in enumerate(offsets):
-        qy, qx = np.clip(base_y + dy, 0, rows - 1), np.clip(base_x + dx, 0, cols - 1)
+    for k, (qy, qx) in enumerate(neighbours):
         guided += weights[k] * cells[:, qy][:, :, qx]
     return guided / weights.sum(axis=0)
 

@@ -19,6 +19,7 @@ from maskmint.pipeline.run import run
 from maskmint.pipeline.worker import ShardWorker
 from maskmint.schemas.config import (CaptureConfig, ConfigError, MaskConfig, RefineConfig, RunConfig, load_config,
                                      parse_config)
+from maskmint.schemas.records import ConceptSpan
 from maskmint.stages.families import FAMILIES
 from maskmint.stages.refine import refine_mask
 from maskmint.stages.weak_mask import WeakMask, guided_heat
@@ -97,7 +98,9 @@ def half_hidden_square():
 
 def test_a_half_hidden_objects_strip_goes_to_it_with_guidance_and_to_its_neighbour_without():
     image, background, heat, disc, strip, cell = half_hidden_square()
-    batch = {"heatmap": heat[None], "image": image[None], "concepts": [[_Span(1), _Span(2)]]}
+    spans = [ConceptSpan(name=word, class_id=class_id, word=word, char_span=span, token_positions=[position])
+             for word, class_id, span, position in (("disc", 1, (2, 6), 2), ("square", 2, (13, 19), 5))]
+    batch = {"heatmap": heat[None], "image": image[None], "concepts": [spans]}
     masks = {}
     for guide in (None, cell):
         config = MaskConfig(tau=0.4, guide_px=guide)
@@ -108,11 +111,6 @@ def test_a_half_hidden_objects_strip_goes_to_it_with_guidance_and_to_its_neighbo
     assert (masks[None][strip] == 2).mean() < 0.25  # bicubic: most of the strip is the disc's
     assert (masks[cell][strip] == 2).mean() > 0.9
     assert (masks[cell][disc] == 1).mean() > 0.95
-
-
-class _Span:
-    def __init__(self, class_id):
-        self.class_id = class_id
 
 
 def test_guidance_keeps_the_maps_a_convex_mix_of_their_cells():

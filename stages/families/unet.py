@@ -117,19 +117,19 @@ class UNetFamily(Family):
         mid_type = unet.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
         return with_attention, (2 ** (len(blocks) - 1) if "CrossAttn" in mid_type else None)
 
-    def read_downscales(self, capture: CaptureConfig, unet: dict) -> set[int]:
+    def cross_downscales(self, capture: CaptureConfig, unet: dict) -> set[int]:
+        """The downscales the capture could read cross-attention at: the mid block's only if asked."""
         with_attention, mid = self.attention_downscales(unet)
-        cross = with_attention | ({mid} if capture.include_mid_block and mid else set())
-        return cross - set(capture.skip_downscales)
+        return with_attention | ({mid} if capture.include_mid_block and mid else set())
 
     def map_cell(self, capture: CaptureConfig, unet: dict) -> int:
-        return min(self.read_downscales(capture, unet))
+        return min(self.cross_downscales(capture, unet) - set(capture.skip_downscales))
 
     def check_capture_against(self, capture: CaptureConfig, unet: dict) -> None:
         """The resolutions the UNet has attention at must include those the capture reads."""
         with_attention, mid = self.attention_downscales(unet)
-        cross = with_attention | ({mid} if capture.include_mid_block and mid else set())
-        if not self.read_downscales(capture, unet):
+        cross = self.cross_downscales(capture, unet)
+        if not cross - set(capture.skip_downscales):
             raise ModelLoadError(
                 f"capture.skip_downscales: {sorted(capture.skip_downscales)} leaves out every cross-attention "
                 f"resolution of this UNet (it has {sorted(cross)}{'' if capture.include_mid_block else ', mid block off'})"
