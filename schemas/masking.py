@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -30,7 +30,7 @@ class MaskConfig(Section):
         "maps as they are, for capture.recipe concept_attention, whose maps are already each pixel's share of "
         "the softmax over the objects and the background concepts",
     )
-    guide_px: Annotated[int, Field(ge=2, le=256)] | Literal["auto"] | None = Field(
+    guide_px: int | Literal["auto"] | None = Field(
         default=None,
         description="the side of the maps' token cells in image pixels (8 on the toy Flux; 16 on Flux and SD3 "
         "at their VAE's 8 x and patch 2): each map is read again from its cells at pixel size by joint bilateral "
@@ -46,6 +46,18 @@ class MaskConfig(Section):
     open_px: int = Field(default=1, ge=0, description="radius of the opening that removes specks")
     close_px: int = Field(default=2, ge=0, description="radius of the closing that fills pinholes")
     min_area: float = Field(default=0.002, ge=0.0, lt=1.0, description="smallest component kept, as image fraction")
+
+    @field_validator("guide_px", mode="before")
+    @classmethod
+    def _guide_cell(cls, value):
+        """One message for every wrong value, not one per member of the union."""
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 256:
+            raise ValueError(f"{value!r} is neither a cell side of 2 to 256 pixels nor auto")
+        return value
 
     @model_validator(mode="after")
     def _band_ordered(self) -> MaskConfig:

@@ -204,9 +204,11 @@ def test_a_run_made_before_guide_px_existed_keeps_its_hash_while_it_is_off():
     assert parse_config({**MINIMAL, "mask": {"guide_px": 8}}).config_hash() != "715e6ae3b5881529"
 
 
-@pytest.mark.parametrize("field, value", [("guide_px", 1), ("guide_px", "eight"), ("guide_px", 300), ("guide_colour", 0),
-                                          ("guide_colour", -5)])
+@pytest.mark.parametrize("field, value", [("guide_px", 1), ("guide_px", "eight"), ("guide_px", 300), ("guide_px", True),
+                                          ("guide_px", 8.5), ("guide_colour", 0), ("guide_colour", -5)])
 def test_a_guide_out_of_range_is_one_line(field, value):
     with pytest.raises(ConfigError) as error:
         parse_config({**MINIMAL, "mask": {field: value}})
     assert field in str(error.value) and "\n" not in str(error.value)
+    if field == "guide_px":  # one message, not one per member of the int | auto union
+        assert str(error.value) == f"mask.guide_px: {value!r} is neither a cell side of 2 to 256 pixels nor auto"
